@@ -1,0 +1,43 @@
+"""brickwork: take trained networks apart into modules and build new networks from them.
+
+The public API (everything else is private to its package)::
+
+    brickwork.merge(recipe, out)                 # files -> model directory (streaming)
+    brickwork.merge_state_dicts(method, models)  # in memory
+    brickwork.merge_modules(method, modules)
+    brickwork.list_methods(), brickwork.get_method(name)
+    brickwork.open_checkpoint(path_or_state_dict)
+    brickwork.load_recipe(path), brickwork.parse_recipe(dict)
+    brickwork.BrickworkError (and subclasses in brickwork.errors)
+
+Heavy modules are imported on first use, so ``import brickwork`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "merge": "brickwork.merge.api",
+    "merge_state_dicts": "brickwork.merge.api",
+    "merge_modules": "brickwork.merge.api",
+    "list_methods": "brickwork.merge.registry",
+    "get_method": "brickwork.merge.registry",
+    "merge_method": "brickwork.merge.registry",
+    "PerModel": "brickwork.merge.registry",
+    "open_checkpoint": "brickwork.checkpoint.reader",
+    "load_recipe": "brickwork.recipe",
+    "parse_recipe": "brickwork.recipe",
+    "MergeRecipe": "brickwork.recipe",
+    "BrickworkError": "brickwork.errors",
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'brickwork' has no attribute {name!r}")

@@ -1,0 +1,124 @@
+"""The ``brickwork`` command. Subcommands are the verbs; heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import BrickworkError
+
+app = typer.Typer(
+    name="brickwork",
+    help="Take trained networks apart into modules and build new networks from them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="brickwork or mergekit YAML recipe")],
+    out: Annotated[Path, typer.Argument(help="output model directory (created atomically)")],
+    dtype: Annotated[
+        str | None, typer.Option(help="output dtype: float32, float16, bfloat16")
+    ] = None,
+    shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 5GB, 500MB")] = "5GB",
+    seed: Annotated[
+        int | None, typer.Option(help="seed for seeded methods (dare_*, della*)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Merge the checkpoints a RECIPE names into one model at OUT."""
+    import time
+
+    from .merge.api import merge as do_merge
+
+    t0 = time.perf_counter()
+    path = do_merge(
+        recipe, out, dtype=dtype, shard_size=shard_size, seed=seed, force=force, progress=not quiet
+    )
+    if not quiet:
+        typer.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def methods() -> None:
+    """List every merge method with its parameters, defaults and whether it needs a base model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .merge.registry import get_method, list_methods
+
+    table = Table(title="merge methods", show_lines=False)
+    for col in (
+        "method",
+        "base",
+        "seeded",
+        "per-model parameters",
+        "global parameters",
+        "reference",
+    ):
+        table.add_column(col, overflow="fold")
+
+    def fmt(ps) -> str:
+        return ", ".join(f"{p.name}={'required' if p.required else p.default}" for p in ps) or "-"
+
+    for name in list_methods():
+        m = get_method(name)
+        table.add_row(
+            name,
+            m.base,
+            "yes" if m.seeded else "no",
+            fmt(m.per_model_params),
+            fmt(m.global_params),
+            m.reference,
+        )
+    Console(width=max(160, Console().width)).print(table)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="checkpoint file or model directory")],
+    other: Annotated[
+        Path | None, typer.Argument(help="second checkpoint: show per-tensor differences")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="rows to show (0: all)")] = 0,
+) -> None:
+    """Print tensors, dtypes and parameter count; with two paths, per-tensor differences."""
+    from .inspect import inspect_one, inspect_two
+
+    if other is None:
+        inspect_one(path, limit=limit)
+    else:
+        inspect_two(path, other, limit=limit)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="where to write merged demo models")] = None,
+) -> None:
+    """Build small demo checkpoints (cached) and merge them with several methods."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except BrickworkError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; nothing was written", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Every user-facing failure is a :class:`BrickworkError` subclass.
+
+Messages name the file / tensor / field, what was found, what was expected and
+what to do. The CLI prints them without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class BrickworkError(Exception):
+    """Base class of every error brickwork raises for a user's mistake or bad input."""
+
+    exit_code = 2
+
+
+class RecipeError(BrickworkError):
+    """A recipe (YAML or Python) is invalid: unknown key, bad value, missing field."""
+
+
+class UnknownNameError(RecipeError):
+    """A name (method, suite, task, ...) is not registered."""
+
+
+class CheckpointError(BrickworkError):
+    """A checkpoint cannot be read: missing, unreadable, truncated, corrupt or unsafe."""
+
+
+class IncompatibleModelsError(BrickworkError):
+    """Input models cannot be combined: names, shapes or dtypes disagree."""
+
+
+class OutputExistsError(BrickworkError):
+    """The output path exists and ``force`` was not given."""
+
+
+class MergeComputationError(BrickworkError):
+    """A merge method could not compute a tensor (e.g. degenerate input)."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """Return `` Did you mean 'x'?`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+    known = sorted(known)
+    return UnknownNameError(
+        f"Unknown {kind} '{name}'. Known: {', '.join(known)}.{did_you_mean(name, known)}"
+    )

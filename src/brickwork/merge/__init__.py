@@ -1,0 +1,26 @@
+"""merge: combine checkpoints of one architecture into one, streaming, one tensor at a time."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "merge": "api",
+    "merge_state_dicts": "api",
+    "merge_modules": "api",
+    "MergeMethod": "registry",
+    "PerModel": "registry",
+    "get_method": "registry",
+    "list_methods": "registry",
+    "merge_method": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(
+    name: str,
+) -> Any:  # lazy, so `brickwork.recipe` and `brickwork.merge` import in any order
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,259 @@
+"""Public merge API: files to a directory, and in-memory state dicts / modules."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..checkpoint.provenance import environment
+from ..checkpoint.reader import Checkpoint, StateDictCheckpoint, open_checkpoint
+from ..checkpoint.writer import CheckpointWriter
+from ..errors import CheckpointError, OutputExistsError
+from ..recipe import MergeRecipe, ModelEntry, load_recipe, parse_recipe
+from .executor import execute
+from .plan import _DTYPES, Plan, build_plan
+
+
+def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Checkpoint]:
+    ckpts: dict[str, Checkpoint] = {}
+    for key in recipe.model_paths():
+        p = Path(key).expanduser()
+        if not p.exists() and recipe_dir is not None and (recipe_dir / p).exists():
+            p = recipe_dir / p
+        if not p.exists():
+            hint = (
+                " It looks like a Hugging Face hub id: brickwork never downloads; download it "
+                "first (e.g. `huggingface-cli download ID --local-dir DIR`) and give DIR."
+                if key.count("/") == 1 and not key.startswith((".", "/"))
+                else ""
+            )
+            raise CheckpointError(f"model '{key}': no such file or directory.{hint}")
+        ckpts[key] = open_checkpoint(p)
+    return ckpts
+
+
+def _check_output_is_not_input(out: Path, ckpts: Mapping[str, Checkpoint]) -> None:
+    o = out.resolve()
+    for key, ck in ckpts.items():
+        if ck.path is None:
+            continue
+        p = ck.path.resolve()
+        if o == p or o in p.parents or p in o.parents:
+            raise OutputExistsError(
+                f"output {out} overlaps input model '{key}' ({p}); brickwork never writes over its inputs. Choose another output path."
+            )
+
+
+def _model_card(
+    recipe: MergeRecipe, plan: Plan, inputs: dict[str, str], env: dict[str, Any]
+) -> str:
+    m = plan.method
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, brickwork]",
+        "---",
+        f"# Merged model ({m.name})",
+        "",
+        f"Made with [brickwork]({'https://pypi.org/project/brickwork/'}) {env['brickwork']} on {env['created']}.",
+        "",
+        f"**Method:** `{m.name}` — {m.description}" + (f" ({m.reference})" if m.reference else ""),
+        "",
+        "## Inputs",
+        "",
+        "| model | role | sha256 (first 16) |",
+        "| --- | --- | --- |",
+    ]
+    for key, digest in inputs.items():
+        role = "base" if key == recipe.base else "model"
+        lines.append(f"| `{key}` | {role} | `{digest}` |")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_config(
+    writer: CheckpointWriter, ck: Checkpoint, plan: Plan, dtype: torch.dtype | None
+) -> None:
+    cfg = ck.config
+    if cfg is None:
+        return
+    if plan.num_layers is not None:
+        old = None
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in cfg:
+                old = cfg[key]
+                cfg[key] = plan.num_layers
+        if isinstance(cfg.get("layer_types"), list) and old:
+            types = cfg["layer_types"]
+            cfg["layer_types"] = [types[i % len(types)] for i in range(plan.num_layers)]
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = name
+    writer.add_text("config.json", json.dumps(cfg, indent=2) + "\n")
+
+
+def merge(
+    recipe: MergeRecipe | Mapping[str, Any] | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    seed: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge checkpoints on disk as ``recipe`` says and write a model directory at ``out``.
+
+    ``recipe`` is a :class:`MergeRecipe`, a dict, or a YAML path (brickwork or mergekit form).
+    The output appears atomically; on any error nothing is left at ``out``.
+    """
+    recipe_dir = None
+    if isinstance(recipe, str | os.PathLike):
+        recipe_dir = Path(recipe).parent
+        recipe = load_recipe(recipe)
+    else:
+        recipe = parse_recipe(recipe)
+    if seed is not None:
+        recipe = recipe.model_copy(update={"seed": seed})
+    if dtype is not None:
+        recipe = parse_recipe({**recipe.model_dump(), "dtype": dtype}, source="--dtype")
+    out = Path(out)
+    ckpts = _open_models(recipe, recipe_dir)
+    _check_output_is_not_input(out, ckpts)
+    plan = build_plan(recipe, ckpts)
+    out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hash inputs while merging
+        digests = {k: pool.submit(ck.checksum) for k, ck in ckpts.items()}
+        with CheckpointWriter(
+            out, [j.info for j in plan.jobs], shard_size=shard_size, force=force
+        ) as writer:
+            execute(
+                plan,
+                ckpts,
+                writer,
+                seed=recipe.seed,
+                compute_dtype=_DTYPES[recipe.compute_dtype],
+                progress=progress,
+            )
+            ref = ckpts[plan.reference]
+            _write_config(writer, ref, plan, out_dtype)
+            writer.copy_from(ref.model_dir)
+            inputs = {k: f.result() for k, f in digests.items()}
+            env = environment()
+            writer.add_text(
+                "brickwork_recipe.yaml",
+                yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
+            )
+            writer.add_text(
+                "brickwork.json",
+                json.dumps(
+                    {
+                        "kind": "merge",
+                        "method": recipe.method,
+                        "seed": recipe.seed,
+                        "inputs": inputs,
+                        "environment": env,
+                        "recipe": recipe.model_dump(mode="json", exclude_none=True),
+                    },
+                    indent=2,
+                )
+                + "\n",
+            )
+            writer.add_text("README.md", _model_card(recipe, plan, inputs, env))
+    return out
+
+
+class _DictSink:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+
+def merge_state_dicts(
+    method: str,
+    models: Sequence[Mapping[str, torch.Tensor] | torch.nn.Module],
+    *,
+    base: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    on_missing: str = "error",
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts (or modules' state dicts); returns a new state dict.
+
+    ``parameters`` are global (per-model parameters given here apply to every model);
+    ``model_parameters[i]`` are model ``i``'s own. Inputs are never modified.
+    """
+    model_parameters = list(model_parameters or [{}] * len(models))
+    if len(model_parameters) != len(models):
+        raise ValueError(
+            f"model_parameters has {len(model_parameters)} entries for {len(models)} models"
+        )
+    ckpts: dict[str, Checkpoint] = {
+        f"model{i}": open_checkpoint(m)
+        if isinstance(m, torch.nn.Module)
+        else StateDictCheckpoint(m, label=f"model{i}")
+        for i, m in enumerate(models)
+    }
+    if base is not None:
+        ckpts["base"] = (
+            open_checkpoint(base)
+            if isinstance(base, torch.nn.Module)
+            else StateDictCheckpoint(base, label="base")
+        )
+    recipe = parse_recipe(
+        {
+            "method": method,
+            "base": "base" if base is not None else None,
+            "models": [
+                ModelEntry(model=f"model{i}", parameters=dict(p)).model_dump()
+                for i, p in enumerate(model_parameters)
+            ],
+            "parameters": dict(parameters or {}),
+            "seed": seed,
+            "dtype": dtype,
+            "on_missing": on_missing,
+        },
+        source=f"merge_state_dicts('{method}')",
+    )
+    plan = build_plan(recipe, ckpts)
+    sink = _DictSink()
+    execute(
+        plan, ckpts, sink, seed=seed, compute_dtype=_DTYPES[recipe.compute_dtype], progress=False
+    )
+    return sink.tensors
+
+
+def merge_modules(
+    method: str,
+    modules: Sequence[torch.nn.Module],
+    *,
+    base: torch.nn.Module | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """Merge modules of one architecture; returns a new module (a copy of ``base`` or the first)."""
+    merged = merge_state_dicts(method, modules, base=base, **kwargs)
+    out = copy.deepcopy(base if base is not None else modules[0])
+    out.load_state_dict(merged)
+    return out

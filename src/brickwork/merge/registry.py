@@ -1,0 +1,190 @@
+"""The merge-method registry.
+
+A merge method is one typed function, registered by name with :func:`merge_method`.
+The decorator reads the signature (STYLE.md §1):
+
+* the first positional argument receives the models' tensors, ``list[Tensor]``, all
+  of one shape, in the compute dtype (float32 unless the recipe says otherwise);
+* ``base: Tensor`` (required) or ``base: Tensor | None = None`` (optional) receives the
+  base model's tensor; a method without ``base`` never sees it;
+* ``generator: torch.Generator`` marks a seeded method: the executor passes a generator
+  seeded from the run's seed and the tensor name, so results do not depend on order;
+* every other keyword-only argument is a parameter. ``PerModel[T]`` parameters are given
+  per input model (the function receives ``list[T]``, one entry per tensor); the rest are
+  global. Constraints are pydantic ``Field``\\ s in ``Annotated`` and are checked when the
+  recipe is read. A trailing underscore is dropped from the public name (``lambda_`` is
+  ``lambda``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, get_args, get_origin
+
+from pydantic import TypeAdapter, ValidationError
+
+from ..errors import RecipeError, unknown_name
+
+
+class _PerModelMarker:
+    def __repr__(self) -> str:
+        return "PER_MODEL"
+
+
+PER_MODEL = _PerModelMarker()
+
+
+class PerModel:
+    """``PerModel[float]``: a parameter given once per input model."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return Annotated[item, PER_MODEL]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # public name, as written in recipes
+    py_name: str  # keyword name in the function
+    per_model: bool
+    annotation: Any  # type of one value (per model: of one model's value)
+    default: Any  # inspect.Parameter.empty when required
+    adapter: TypeAdapter = field(repr=False, compare=False)
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    def validate(self, value: Any, *, where: str) -> Any:
+        try:
+            return self.adapter.validate_python(value)
+        except ValidationError as e:
+            msg = "; ".join(err["msg"] for err in e.errors())
+            raise RecipeError(
+                f"{where}: parameter '{self.name}' = {value!r} is invalid: {msg}."
+            ) from None
+
+    def type_name(self) -> str:
+        ann = self.annotation
+        if get_origin(ann) is Annotated:
+            base, *meta = get_args(ann)
+            cons = [m for m in meta if m is not PER_MODEL]
+            txt = getattr(base, "__name__", str(base))
+            for c in cons:
+                for m in getattr(c, "metadata", [c]):
+                    txt += f" {type(m).__name__.lower()} {next(iter(vars(m).values()), '')}"
+            return txt
+        if get_origin(ann) is typing.Literal:
+            return "|".join(map(str, get_args(ann)))
+        return getattr(ann, "__name__", str(ann))
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    func: Callable[..., Any] = field(repr=False)
+    base: str  # "required" | "optional" | "none"
+    seeded: bool
+    params: tuple[ParamSpec, ...]
+    description: str
+    reference: str
+    search_space: dict[str, list[Any]]
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise unknown_name(
+            f"parameter of method '{self.name}'", name, [p.name for p in self.params]
+        )
+
+    @property
+    def per_model_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def global_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def _is_per_model(annotation: Any) -> bool:
+    return get_origin(annotation) is Annotated and any(
+        m is PER_MODEL for m in get_args(annotation)[1:]
+    )
+
+
+def merge_method(
+    name: str,
+    *,
+    description: str = "",
+    reference: str = "",
+    search_space: dict[str, Iterable[Any]] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``func`` as merge method ``name`` (see the module docstring)."""
+
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method '{name}' is already registered")
+        hints = typing.get_type_hints(func, include_extras=True)
+        sig = inspect.signature(func)
+        params: list[ParamSpec] = []
+        base, seeded = "none", False
+        for i, (pname, p) in enumerate(sig.parameters.items()):
+            if i == 0:
+                continue  # the tensors
+            if pname == "base":
+                base = "optional" if p.default is None else "required"
+                continue
+            if pname == "generator":
+                seeded = True
+                continue
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                raise TypeError(f"{func.__name__}: parameter '{pname}' must be keyword-only")
+            ann = hints[pname]
+            public = pname[:-1] if pname.endswith("_") else pname
+            params.append(
+                ParamSpec(public, pname, _is_per_model(ann), ann, p.default, TypeAdapter(ann))
+            )
+        doc = inspect.getdoc(func) or ""
+        method = MergeMethod(
+            name=name,
+            func=func,
+            base=base,
+            seeded=seeded,
+            params=tuple(params),
+            description=description or doc.split("\n\n")[0].replace("\n", " "),
+            reference=reference,
+            search_space={k: list(v) for k, v in (search_space or {}).items()},
+        )
+        for k in method.search_space:
+            method.param(k)  # unknown names in the search space are a bug
+        _REGISTRY[name] = method
+        return func
+
+    return register
+
+
+def _ensure_loaded() -> None:
+    from . import methods  # noqa: F401  (registers the built-in methods)
+
+
+def get_method(name: str) -> MergeMethod:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name("merge method", name, _REGISTRY) from None
+
+
+def list_methods() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)

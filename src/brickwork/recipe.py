@@ -1,0 +1,284 @@
+"""Merge recipes: brickwork's own YAML and mergekit's YAML, as strict pydantic models.
+
+brickwork recipe (``method:`` key)::
+
+    method: ties                 # any name from `brickwork methods`
+    base: ./base                 # needed by methods that use a base model
+    models:
+      - model: ./math
+        parameters: {weight: 1.0, density: 0.5}
+      - model: ./code
+    parameters:                  # global; per-model ones here apply to every model
+      lambda: 0.8
+      density: [0.2, 0.5, 0.8]   # a gradient, interpolated over layers
+      weight:                    # conditional on tensor names (first match wins)
+        - {filter: self_attn, value: 0.7}
+        - {value: 1.0}
+    dtype: bfloat16              # output dtype (default: each tensor's dtype in the base)
+    compute_dtype: float32       # math is done in this dtype
+    seed: 0                      # for seeded methods (dare_*, della*)
+    on_missing: error            # a tensor absent from some models: error | base | skip
+
+``slices:`` (layer ranges of several models stacked, as mergekit) replaces ``models:``.
+
+A mergekit recipe (``merge_method:`` key) is read as it is and converted: ``base_model``
+→ ``base``, ``out_dtype`` (else ``dtype``) → ``dtype``. brickwork always computes in
+``compute_dtype`` (float32): mergekit computes some methods in the recipe's ``dtype``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError, did_you_mean
+from .merge.registry import MergeMethod, get_method
+
+Scalar = Union[bool, int, float, str]
+DType = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Condition(_Strict):
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+ParamSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+Params = dict[str, ParamSetting]
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: Params = Field(default_factory=dict)
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Params = Field(default_factory=dict)
+
+
+class Slice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: Params = Field(default_factory=dict)
+
+
+class MergeRecipe(_Strict):
+    method: str
+    base: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: Params = Field(default_factory=dict)
+    dtype: DType | None = None
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    seed: int = 0
+    on_missing: Literal["error", "base", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeRecipe:
+        m = get_method(self.method)
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty; list at least one model")
+        _check_params(m, self.parameters, "parameters", per_model_ok=True)
+        for i, e in enumerate(self.models or []):
+            _check_params(
+                m, e.parameters, f"models[{i}].parameters", per_model_ok=True, global_ok=False
+            )
+        for i, s in enumerate(self.slices or []):
+            _check_params(m, s.parameters, f"slices[{i}].parameters", per_model_ok=True)
+            lengths = set()
+            for j, src in enumerate(s.sources):
+                a, b = src.layer_range
+                if not 0 <= a < b:
+                    raise ValueError(
+                        f"slices[{i}].sources[{j}].layer_range must be [start, end) with 0 <= start < end, got [{a}, {b}]"
+                    )
+                lengths.add(b - a)
+                _check_params(
+                    m,
+                    src.parameters,
+                    f"slices[{i}].sources[{j}].parameters",
+                    per_model_ok=True,
+                    global_ok=False,
+                )
+            if len(lengths) > 1:
+                raise ValueError(
+                    f"slices[{i}]: every source must span the same number of layers, got {sorted(lengths)}"
+                )
+        if m.needs_base and self.models is not None and self.base is None:
+            raise ValueError(
+                f"method '{m.name}' needs a base model: add 'base: PATH' to the recipe"
+            )
+        return self
+
+    def model_paths(self) -> list[str]:
+        """Every referenced model, base first, without repeats."""
+        paths = [self.base] if self.base else []
+        for e in self.models or []:
+            paths.append(e.model)
+        for s in self.slices or []:
+            paths += [s.base_model] if s.base_model else []
+            paths += [src.model for src in s.sources]
+        return list(dict.fromkeys(paths))
+
+
+class MergekitRecipe(_Strict):
+    """The subset of mergekit's configuration that brickwork reproduces."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: Params = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    modules: Any = None
+    tokenizer: Any = None
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MergekitRecipe:
+        for key in ("modules", "tokenizer", "chat_template"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"mergekit's '{key}' is not supported by brickwork yet; remove it")
+        if self.tokenizer_source not in (None, "base") and self.tokenizer_source != self.base_model:
+            raise ValueError(
+                f"tokenizer_source '{self.tokenizer_source}' is not supported (vocabularies are not merged); "
+                "use models with one vocabulary and drop tokenizer_source, or set it to 'base'"
+            )
+        return self
+
+    def to_native(self) -> MergeRecipe:
+        out = self.out_dtype or self.dtype
+        dtypes = {"float32", "float16", "bfloat16", "float64"}
+        aliases = {
+            "fp32": "float32",
+            "fp16": "float16",
+            "bf16": "bfloat16",
+            "half": "float16",
+            "float": "float32",
+        }
+        if out is not None:
+            out = aliases.get(out, out)
+            if out not in dtypes:
+                raise ValueError(f"dtype '{out}' is not one of float32, float16, bfloat16, float64")
+        return MergeRecipe(
+            method=self.merge_method,
+            base=self.base_model,
+            models=self.models,
+            slices=self.slices,
+            parameters=self.parameters,
+            dtype=out,
+            compute_dtype="float64" if self.dtype == "float64" else "float32",
+        )
+
+
+def _leaves(setting: Any) -> list[Any]:
+    if isinstance(setting, Condition):
+        return _leaves(setting.value)
+    if isinstance(setting, list):
+        return [x for s in setting for x in _leaves(s)]
+    return [setting]
+
+
+def _check_params(
+    m: MergeMethod,
+    params: dict[str, Any],
+    where: str,
+    *,
+    per_model_ok: bool,
+    global_ok: bool = True,
+) -> None:
+    names = [p.name for p in m.params]
+    for key, setting in params.items():
+        if key not in names:
+            known = ", ".join(names) or "none"
+            raise RecipeError(
+                f"{where}: '{key}' is not a parameter of method '{m.name}' (its parameters: {known}).{did_you_mean(key, names)}"
+            )
+        spec = m.param(key)
+        if not spec.per_model and not global_ok:
+            raise RecipeError(
+                f"{where}: '{key}' is a global parameter of '{m.name}'; move it to the top-level 'parameters'."
+            )
+        for leaf in _leaves(setting):
+            spec.validate(leaf, where=where)
+
+
+_KNOWN_KEYS = sorted(
+    {
+        k
+        for cls in (MergeRecipe, MergekitRecipe, ModelEntry, SliceSource, Slice, Condition)
+        for k in cls.model_fields
+    }
+)
+
+
+def _format_validation_error(e: ValidationError, source: str) -> RecipeError:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(
+            str(x) for x in err["loc"] if not str(x).startswith(("function-", "tagged-union"))
+        )
+        loc = loc.replace(".[", "[")
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            lines.append(f"{loc}: unknown key '{key}'.{did_you_mean(key, _KNOWN_KEYS)}")
+        elif err["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            lines.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
+    uniq = list(dict.fromkeys(lines))
+    return RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(uniq[:8]))
+
+
+def parse_recipe(data: Any, *, source: str = "<recipe>") -> MergeRecipe:
+    """Validate a recipe given as a dict (brickwork or mergekit form)."""
+    if isinstance(data, MergeRecipe):
+        return data
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: a recipe is a mapping with a 'method' (or mergekit 'merge_method') key, got {type(data).__name__}."
+        )
+    try:
+        if "merge_method" in data:
+            return MergekitRecipe.model_validate(data).to_native()
+        if "method" not in data:
+            raise RecipeError(
+                f"{source}: the recipe has no 'method' key (or 'merge_method' for a mergekit recipe)."
+            )
+        return MergeRecipe.model_validate(data)
+    except ValidationError as e:
+        raise _format_validation_error(e, source) from None
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read and validate a YAML recipe file; errors name the file and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror}).") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    return parse_recipe(data, source=str(p))
