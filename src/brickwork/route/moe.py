@@ -1,0 +1,236 @@
+"""A mixture-of-experts feed-forward layer with vectorised sparse dispatch.
+
+Tokens are flattened, their ``top_k`` (token, expert) slots sorted by expert, and each
+expert runs one matmul on its contiguous group; results are weighted and scatter-added
+back with ``index_add_``. The only Python loop is over experts, never over tokens.
+:meth:`MoELayer.forward_dense_reference` computes every expert on every token and masks:
+the same numbers, for tests and as the naive baseline of ``benchmarks/moe_dispatch.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import RecipeError
+
+Activation = Literal["swiglu", "gelu"]
+Routing = Literal["topk_softmax", "softmax_topk"]
+
+
+class MoEOutput(NamedTuple):
+    output: torch.Tensor  # (..., d_model), the input's shape
+    router_logits: torch.Tensor  # (tokens, n_experts), for load_balancing_loss
+
+
+class RouterOutput(NamedTuple):
+    logits: torch.Tensor  # (tokens, n_experts)
+    weights: torch.Tensor  # (tokens, top_k)
+    indices: torch.Tensor  # (tokens, top_k), int64
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RecipeError(msg)
+
+
+class MoELayer(nn.Module):
+    """Router (``d_model -> n_experts`` linear) + ``n_experts`` FFNs stored as stacked weights.
+
+    ``activation="swiglu"`` (Llama/Mixtral): ``down(silu(gate(x)) * up(x))``, no biases;
+    gate and up are stored fused as ``gate_up`` of shape ``(n_experts, 2 * d_ff, d_model)``
+    (gate rows first), ``down`` as ``(n_experts, d_model, d_ff)``.
+    ``activation="gelu"`` (BERT): ``w_out(gelu(w_in(x) + b_in)) + b_out``.
+
+    ``routing="topk_softmax"`` (Mixtral): softmax over the ``top_k`` largest logits.
+    ``routing="softmax_topk"``: softmax over all logits, then the ``top_k`` largest
+    probabilities, divided by their sum if ``renormalize`` (then equal to ``topk_softmax``).
+    ``shared_d_ff`` adds a shared expert of that width that every token passes through
+    with weight 1 (DeepSeek-MoE style).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        *,
+        top_k: int = 2,
+        activation: Activation = "swiglu",
+        routing: Routing = "topk_softmax",
+        renormalize: bool = True,
+        shared_d_ff: int | None = None,
+        router_bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check(
+            min(d_model, d_ff, n_experts) > 0,
+            f"MoELayer: d_model, d_ff and n_experts must be positive, got "
+            f"{d_model}, {d_ff}, {n_experts}.",
+        )
+        _check(
+            1 <= top_k <= n_experts,
+            f"MoELayer: top_k must be in [1, n_experts={n_experts}], got {top_k}.",
+        )
+        _check(
+            activation in ("swiglu", "gelu"),
+            f"MoELayer: activation must be 'swiglu' or 'gelu', got {activation!r}.",
+        )
+        _check(
+            routing in ("topk_softmax", "softmax_topk"),
+            f"MoELayer: routing must be 'topk_softmax' or 'softmax_topk', got {routing!r}.",
+        )
+        kw = {"device": device, "dtype": dtype}
+        self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
+        self.activation, self.routing, self.renormalize = activation, routing, renormalize
+        self.router = nn.Linear(d_model, n_experts, bias=router_bias, **kw)
+        if activation == "swiglu":
+            self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * d_ff, d_model, **kw))
+            self.register_parameter("b_in", None)
+            self.register_parameter("b_out", None)
+        else:
+            self.gate_up = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **kw))
+            self.b_in = nn.Parameter(torch.empty(n_experts, d_ff, **kw))
+            self.b_out = nn.Parameter(torch.empty(n_experts, d_model, **kw))
+        self.down = nn.Parameter(torch.empty(n_experts, d_model, d_ff, **kw))
+        self.shared: FFN | None = (
+            FFN(d_model, shared_d_ff, activation=activation, **kw) if shared_d_ff else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p, fan_in in ((self.gate_up, self.d_model), (self.down, self.d_ff)):
+            nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        if self.b_in is not None:
+            nn.init.zeros_(self.b_in)
+            nn.init.zeros_(self.b_out)
+
+    # -- routing ----------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        """``x`` (tokens, d_model) -> logits, top-k weights and expert indices."""
+        logits = self.router(x)  # (tokens, n_experts)
+        if self.routing == "topk_softmax":
+            top, idx = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
+            weights = top.float().softmax(dim=-1)
+        else:
+            probs = logits.float().softmax(dim=-1)
+            weights, idx = probs.topk(self.top_k, dim=-1)
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits, weights.to(x.dtype), idx)
+
+    # -- experts ----------------------------------------------------------------------------
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on ``x`` (n, d_model) -> (n, d_model)."""
+        if self.activation == "swiglu":
+            gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)  # (n, d_ff) each
+            return F.linear(F.silu(gate) * up, self.down[e])
+        h = F.gelu(F.linear(x, self.gate_up[e], self.b_in[e]))  # (n, d_ff)
+        return F.linear(h, self.down[e], self.b_out[e])
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        shape = x.shape
+        flat = x.reshape(-1, self.d_model)  # (tokens, d_model)
+        r = self.route(flat)
+        out = self._dispatch(flat, r.weights, r.indices)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return MoEOutput(out.reshape(shape), r.logits)
+
+    def _dispatch(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        k = self.top_k
+        flat_e = indices.reshape(-1)  # (tokens * top_k,) expert of each slot
+        order = flat_e.argsort(stable=True)  # slots grouped by expert
+        token = order // k  # (tokens * top_k,) token of each sorted slot
+        counts = torch.bincount(flat_e, minlength=self.n_experts).tolist()
+        xs = x.index_select(0, token)  # (tokens * top_k, d_model)
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):  # one matmul per expert on its group
+            if n:
+                ys[start : start + n] = self.expert(e, xs[start : start + n])
+            start += n
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # (tokens * top_k, d_model)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def forward_dense_reference(self, x: torch.Tensor) -> MoEOutput:
+        """Every expert on every token, then mask by the routing weights (slow; same numbers)."""
+        shape = x.shape
+        flat = x.reshape(-1, self.d_model)  # (tokens, d_model)
+        r = self.route(flat)
+        gates = torch.zeros(
+            flat.shape[0], self.n_experts, dtype=flat.dtype, device=flat.device
+        ).scatter(1, r.indices, r.weights)  # (tokens, n_experts), zero off the top-k
+        out = torch.zeros_like(flat)
+        for e in range(self.n_experts):
+            out = out + gates[:, e : e + 1] * self.expert(e, flat)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return MoEOutput(out.reshape(shape), r.logits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, "
+            f"top_k={self.top_k}, activation={self.activation}, routing={self.routing}"
+        )
+
+
+class FFN(nn.Module):
+    """One dense FFN in the same layout as one MoE expert (used as the shared expert)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        activation: Activation = "swiglu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.activation = activation
+        glu = activation == "swiglu"
+        self.w_in = nn.Linear(d_model, (2 if glu else 1) * d_ff, bias=not glu, **kw)
+        self.w_out = nn.Linear(d_ff, d_model, bias=not glu, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            gate, up = self.w_in(x).chunk(2, dim=-1)
+            return self.w_out(F.silu(gate) * up)
+        return self.w_out(F.gelu(self.w_in(x)))
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor | Sequence[torch.Tensor],
+    top_k: int,
+    *,
+    coef: float = 1.0,
+) -> torch.Tensor:
+    """Switch-Transformer / Mixtral auxiliary loss ``coef * E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the (token, slot) assignments that go to expert ``e`` (it
+    sums to 1 over experts) and ``P_e`` the mean router probability of ``e``. Perfectly
+    uniform routing gives ``coef``; everything on one expert gives ``coef * E``. Equal to
+    ``transformers``' ``load_balancing_loss_func`` divided by ``top_k``. A sequence of
+    per-layer logits (each (tokens, n_experts)) is concatenated, as transformers does.
+    """
+    if not isinstance(router_logits, torch.Tensor):
+        router_logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in router_logits], dim=0)
+    logits = router_logits.reshape(-1, router_logits.shape[-1]).float()  # (tokens, n_experts)
+    n_experts = logits.shape[-1]
+    if not 1 <= top_k <= n_experts:
+        raise RecipeError(f"load_balancing_loss: top_k must be in [1, {n_experts}], got {top_k}.")
+    probs = logits.softmax(dim=-1)
+    idx = probs.topk(top_k, dim=-1).indices  # (tokens, top_k)
+    f = torch.bincount(idx.reshape(-1), minlength=n_experts).float() / idx.numel()
+    return coef * n_experts * (f * probs.mean(dim=0)).sum()
