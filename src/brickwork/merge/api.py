@@ -182,10 +182,18 @@ def merge(
 
 
 class _DictSink:
-    def __init__(self) -> None:
+    """Collects outputs; copies any output that shares memory with an input (copied tensors,
+    passthrough) so that the returned state dict never aliases the caller's tensors."""
+
+    def __init__(self, ckpts: Mapping[str, Checkpoint]) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._inputs = {
+            ck.get(n).untyped_storage().data_ptr() for ck in ckpts.values() for n in ck.names
+        }
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.untyped_storage().data_ptr() in self._inputs:
+            tensor = tensor.clone()
         self.tensors[name] = tensor
 
 
@@ -238,7 +246,7 @@ def merge_state_dicts(
         source=f"merge_state_dicts('{method}')",
     )
     plan = build_plan(recipe, ckpts)
-    sink = _DictSink()
+    sink = _DictSink(ckpts)
     execute(
         plan, ckpts, sink, seed=seed, compute_dtype=_DTYPES[recipe.compute_dtype], progress=False
     )

@@ -76,7 +76,9 @@ def execute(
         delay=1.0,
         leave=False,
     )
-    with torch.inference_mode(), bar:
+    # no_grad, not inference_mode: outputs handed to an in-memory sink must stay ordinary
+    # tensors that callers may edit in place or use with autograd.
+    with torch.no_grad(), bar:
         for job in plan.jobs:
             out = run_job(plan, job, ckpts, seed=seed, compute_dtype=compute_dtype)
             sink.write(job.info.name, out.to(job.info.dtype))
