@@ -167,7 +167,10 @@ class _Planner:
         n_layers = num_layers(ref.names, ref.config)
         for name in ref.names:
             ln = layer_name(name)
-            t = 0.0 if ln is None else (ln.index / (n_layers - 1) if n_layers > 1 else 1.0)
+            if ln is None:  # as mergekit: pre-layer weights at t=0, post-layer (head, norm) at t=1
+                t = 1.0 if is_post_weight(name) else 0.0
+            else:
+                t = ln.index / (n_layers - 1) if n_layers > 1 else 1.0
             sources = [(Source(e.model, name), [e.parameters, r.parameters]) for e in entries]
             base = Source(r.base, name) if uses_base else None
             self.emit(name, Source(ref_key, name), sources, base, [r.parameters], t)
@@ -186,7 +189,7 @@ class _Planner:
         base = next((src for src in s.sources if src.model == base_key), None)
         return others, base
 
-    def _non_layer(self, s: Slice, names: list[str]) -> None:
+    def _non_layer(self, s: Slice, names: list[str], t: float) -> None:
         r = self.recipe
         others, base_src = self._slice_sources(s)
         base_key = self._slice_base(s) if _uses_base(self.method) else None
@@ -197,7 +200,7 @@ class _Planner:
                 for src in others
             ]
             base = Source(base_key, name) if base_key else None
-            self.emit(name, Source(ref_key, name), sources, base, [s.parameters, r.parameters], 0.0)
+            self.emit(name, Source(ref_key, name), sources, base, [s.parameters, r.parameters], t)
 
     def plan_slices(self) -> Plan:
         r = self.recipe
@@ -205,7 +208,7 @@ class _Planner:
         first = self.ckpts[slices[0].sources[0].model]
         pre = [n for n in first.names if layer_name(n) is None and not is_post_weight(n)]
         post = [n for n in first.names if layer_name(n) is None and is_post_weight(n)]
-        self._non_layer(slices[0], pre)
+        self._non_layer(slices[0], pre, 0.0)
         out_layer = 0
         for si, s in enumerate(slices):
             others, base_src = self._slice_sources(s)
@@ -245,7 +248,7 @@ class _Planner:
                         t,
                     )
             out_layer += length
-        self._non_layer(slices[-1], post)
+        self._non_layer(slices[-1], post, 1.0)
         self.problems.raise_if_any()
         ref_key = self._slice_base(slices[0]) or slices[0].sources[0].model
         return Plan(self.method, self.jobs, ref_key, out_layer)
