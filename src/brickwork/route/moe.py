@@ -127,13 +127,18 @@ class MoELayer(nn.Module):
         return RouterOutput(logits, weights.to(x.dtype), idx)
 
     # -- experts ----------------------------------------------------------------------------
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on ``x`` (n, d_model) -> (n, d_model)."""
+    def expert(self, e: int, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e`` on ``x`` (n, d_model) -> (n, d_model), into ``out`` if given (no grad)."""
         if self.activation == "swiglu":
             gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)  # (n, d_ff) each
-            return F.linear(F.silu(gate) * up, self.down[e])
+            h = F.silu(gate) * up
+            if out is None:
+                return F.linear(h, self.down[e])
+            return torch.mm(h, self.down[e].t(), out=out)
         h = F.gelu(F.linear(x, self.gate_up[e], self.b_in[e]))  # (n, d_ff)
-        return F.linear(h, self.down[e], self.b_out[e])
+        if out is None:
+            return F.linear(h, self.down[e], self.b_out[e])
+        return torch.addmm(self.b_out[e], h, self.down[e].t(), out=out)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
@@ -152,15 +157,18 @@ class MoELayer(nn.Module):
         order = flat_e.argsort(stable=True)  # slots grouped by expert
         token = order // k  # (tokens * top_k,) token of each sorted slot
         counts = torch.bincount(flat_e, minlength=self.n_experts).tolist()
-        xs = x.index_select(0, token)  # (tokens * top_k, d_model)
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):  # one matmul per expert on its group
-            if n:
-                ys[start : start + n] = self.expert(e, xs[start : start + n])
-            start += n
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # (tokens * top_k, d_model)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        xs = x.index_select(0, token)  # (tokens * top_k, d_model), grouped by expert
+        w = weights.reshape(-1, 1)[order]  # (tokens * top_k, 1)
+        groups = zip(range(self.n_experts), xs.split(counts))
+        if torch.is_grad_enabled():
+            ys = torch.cat([self.expert(e, g) for e, g in groups if len(g)]) * w
+        else:  # inference: experts write straight into one buffer, no copies
+            ys = torch.empty_like(xs)
+            for (e, g), o in zip(groups, ys.split(counts)):
+                if len(g):
+                    self.expert(e, g, out=o)
+            ys.mul_(w)
+        return torch.zeros_like(x).index_add_(0, token, ys)  # (tokens, d_model)
 
     def forward_dense_reference(self, x: torch.Tensor) -> MoEOutput:
         """Every expert on every token, then mask by the routing weights (slow; same numbers)."""
