@@ -119,6 +119,13 @@ class MergeRecipe(_Strict):
             raise ValueError(
                 f"method '{m.name}' needs a base model: add 'base: PATH' to the recipe"
             )
+        for i, s in enumerate(self.slices or []):
+            if m.needs_base and (s.base_model or self.base) is None:
+                raise ValueError(
+                    f"method '{m.name}' needs a base model but slices[{i}] has none: add "
+                    "'base: PATH' ('base_model:' in a mergekit recipe) and list the base "
+                    "among the slice's sources"
+                )
         return self
 
     def model_paths(self) -> list[str]:
@@ -172,7 +179,9 @@ class MergekitRecipe(_Strict):
         if out is not None:
             out = aliases.get(out, out)
             if out not in dtypes:
-                raise ValueError(f"dtype '{out}' is not one of float32, float16, bfloat16, float64")
+                raise RecipeError(
+                    f"dtype '{out}' is not one of float32, float16, bfloat16, float64 (or fp32, fp16, bf16)"
+                )
         return MergeRecipe(
             method=self.merge_method,
             base=self.base_model,

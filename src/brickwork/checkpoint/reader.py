@@ -254,6 +254,11 @@ class TorchCheckpoint(Checkpoint):
         return self._state[name]
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def _safe_torch_load(f: Path) -> dict[str, torch.Tensor]:
     import pickle
     import zipfile
@@ -262,15 +267,20 @@ def _safe_torch_load(f: Path) -> dict[str, torch.Tensor]:
         mmap = zipfile.is_zipfile(f)
         obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise CheckpointError(
+                f"{f}: cannot read as a PyTorch checkpoint ({_first_line(e)}); "
+                "the file may be truncated or corrupt."
+            ) from None
         raise CheckpointError(
             f"{f}: refused to load: the pickle holds objects other than tensors "
-            f"({str(e).splitlines()[0][:200]}). brickwork only loads tensors "
+            f"({_first_line(e)}). brickwork only loads tensors "
             "(torch.load weights_only=True) because unpickling can run code. "
             "Convert the file to safetensors in an environment you trust."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch raises KeyError, RuntimeError, ... on corrupt bytes
         raise CheckpointError(
-            f"{f}: cannot read as a PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
+            f"{f}: cannot read as a PyTorch checkpoint ({_first_line(e)}); "
             "the file may be truncated or corrupt."
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -212,6 +212,12 @@ class _Planner:
         out_layer = 0
         for si, s in enumerate(slices):
             others, base_src = self._slice_sources(s)
+            if self.method.needs_base and base_src is None:
+                self.problems.add(
+                    f"slices[{si}]: method '{self.method.name}' needs the base model "
+                    f"{self._slice_base(s)} among the slice's sources (with a layer_range)"
+                )
+                continue
             lead = s.sources[0]
             lead_ck = self.ckpts[lead.model]
             length = lead.layer_range[1] - lead.layer_range[0]
