@@ -24,7 +24,7 @@ def _copies_of(ffn: FFN, moe: MoELayer) -> None:
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize(("routing", "renormalize"), NORMALISED)
-@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("top_k", [1, 3])
 def test_identical_experts_equal_dense_ffn_for_any_router(activation, routing, renormalize, top_k):
     torch.manual_seed(top_k)
     ffn = FFN(16, 24, activation=activation)

@@ -127,7 +127,12 @@ def test_existing_output_and_bad_options_write_nothing(models, tmp_path):
     bad = [
         ({"top_k": 3}, "top_k must be in"),
         ({"merge_method": "tie"}, "Did you mean 'ties'"),
-        ({"router_init": "hidden"}, "not implemented"),
+        ({"router_init": "task"}, "not implemented"),
+        ({"router_init": "hidden"}, "router_hidden"),
+        (
+            {"router_init": "hidden", "router_hidden": torch.ones(2, 3, 32)},
+            "expected \\[2, 2, 32\\]",
+        ),
     ]
     for kwargs, match in bad:
         with pytest.raises(BrickworkError, match=match):
@@ -138,3 +143,16 @@ def test_existing_output_and_bad_options_write_nothing(models, tmp_path):
     with pytest.raises(BrickworkError, match="no such file"):
         upcycle_to_mixtral(root / "base", [root / "copy0", root / "nope"], tmp_path / "moe")
     _nothing_written(tmp_path)
+
+
+def test_hidden_router_init_writes_unit_rows(models, tmp_path):
+    root, _ = models
+    hidden = torch.randn(2, 3, 32)  # (layers, experts, hidden)
+    out = upcycle_to_mixtral(
+        root / "base", [root / f"copy{i}" for i in range(3)], tmp_path / "moe",
+        router_init="hidden", router_hidden=hidden,
+    )  # fmt: skip
+    sd = load_file(out / "model.safetensors")
+    for layer in range(2):
+        gate = sd[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        torch.testing.assert_close(gate, hidden[layer] / hidden[layer].norm(dim=-1, keepdim=True))

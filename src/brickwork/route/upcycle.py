@@ -27,7 +27,7 @@ from ..checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import CheckpointError, IncompatibleModelsError, OutputExistsError, RecipeError
 
-RouterInit = Literal["random"]
+RouterInit = Literal["random", "hidden"]
 SUPPORTED = ("llama", "mistral")
 _FFN = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.)mlp\.(?P<proj>gate|up|down)_proj\.weight$"
@@ -216,6 +216,7 @@ def upcycle_to_mixtral(
     merge_parameters: Mapping[str, Any] | None = None,
     router_init: RouterInit = "random",
     router_std: float | None = None,
+    router_hidden: torch.Tensor | None = None,
     seed: int = 0,
     shard_size: str | int = "5GB",
     force: bool = False,
@@ -225,7 +226,10 @@ def upcycle_to_mixtral(
     Non-FFN tensors are ``base``'s (``merge_method=None``) or
     ``merge_state_dicts(merge_method, experts, base=base)`` computed one tensor at a time.
     ``router_init="random"``: N(0, router_std) with ``router_std`` defaulting to the config's
-    ``initializer_range``, seeded per layer by ``seed``. The output appears atomically; on
+    ``initializer_range``, seeded per layer by ``seed``. ``router_init="hidden"``: row ``e``
+    of layer ``l``'s router is ``router_hidden[l, e]`` (shape (layers, experts, hidden): e.g.
+    the mean hidden state that layer sees on prompts for expert ``e``), scaled to unit norm,
+    as mergekit-moe's ``hidden`` mode. The output appears atomically; on
     any error nothing is written.
     """
     if not experts:
@@ -234,9 +238,15 @@ def upcycle_to_mixtral(
         raise RecipeError(
             f"upcycle: top_k must be in [1, number of experts={len(experts)}], got {top_k}."
         )
-    if router_init != "random":
+    if router_init not in ("random", "hidden"):
         raise RecipeError(
-            f"upcycle: router_init {router_init!r} is not implemented; known: random."
+            f"upcycle: router_init {router_init!r} is not implemented; known: hidden, random."
+        )
+    if (router_init == "hidden") != (router_hidden is not None):
+        raise RecipeError(
+            "upcycle: router_hidden (layers, experts, hidden) goes with router_init='hidden' "
+            f"and only with it; got router_init={router_init!r} and router_hidden "
+            f"{'given' if router_hidden is not None else 'missing'}."
         )
     if merge_method is not None:
         from ..merge.registry import get_method
@@ -249,6 +259,17 @@ def upcycle_to_mixtral(
         ckpts[key] = _open(path, f"{key}")
     cfg = _check_architecture(ckpts)
     _check_output(out, ckpts, force)
+    if router_hidden is not None:
+        want = (
+            int(cfg.get("num_hidden_layers", -1)),
+            len(experts),
+            int(cfg.get("hidden_size", -1)),
+        )
+        if tuple(router_hidden.shape) != want:
+            raise RecipeError(
+                f"upcycle: router_hidden has shape {list(router_hidden.shape)}, expected "
+                f"{list(want)} (layers, experts, hidden_size) for these models."
+            )
     std = router_std if router_std is not None else float(cfg.get("initializer_range", 0.02))
 
     def merge_tensor(name: str) -> torch.Tensor:
@@ -266,6 +287,9 @@ def upcycle_to_mixtral(
         return merged[name]
 
     def router(layer: int, info: TensorInfo) -> torch.Tensor:
+        if router_hidden is not None:
+            v = router_hidden[layer].float()  # (experts, hidden)
+            return torch.nn.functional.normalize(v, dim=-1).to(info.dtype)
         g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
         return (torch.randn(info.shape, generator=g) * std).to(info.dtype)
 
@@ -282,7 +306,7 @@ def upcycle_to_mixtral(
             "merge_method": merge_method,
             "merge_parameters": dict(merge_parameters or {}),
             "router_init": router_init,
-            "router_std": std,
+            "router_std": std if router_init == "random" else None,
             "seed": seed,
         }
         inputs = {
