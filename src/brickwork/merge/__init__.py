@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS = {
@@ -24,3 +26,17 @@ def __getattr__(
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    """``brickwork.merge`` is both this package and the documented function
+    ``brickwork.merge(recipe, out)``: importing the package binds it as the attribute
+    ``merge`` of ``brickwork``, which would otherwise shadow the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .api import merge
+
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
