@@ -23,18 +23,23 @@ import torch
 from brickwork.route import FFN, MoELayer
 
 
-def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function; repeats are interleaved so that load from other
-    processes on a shared machine hits every variant alike."""
+def _median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU time of each function; repeats are interleaved so that
+    load from other processes on a shared machine hits every variant alike."""
     for f in fns.values():
         f()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    med = statistics.median
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}
 
 
 def main() -> None:
@@ -66,7 +71,7 @@ def main() -> None:
         "(b) naive: every expert, masked": lambda: (moe.forward_dense_reference(x), sync()),
     }
     with torch.inference_mode():
-        secs = _median_seconds(runs, args.repeats)
+        secs, cpu = _median_seconds(runs, args.repeats)
         counts = torch.bincount(moe.route(x).indices.reshape(-1), minlength=args.experts)
     ref = secs["moe sparse dispatch"]
     print(
@@ -74,15 +79,21 @@ def main() -> None:
         f"{args.d_ff}, {args.tokens} tokens, float32, {dev}, {args.threads} threads, "
         f"median of {args.repeats}; tokens per expert {counts.tolist()}"
     )
-    print("| layer | ms / batch | tokens/s | MoE / this (tokens/s) |")
-    print("| --- | ---: | ---: | ---: |")
+    cref = cpu["moe sparse dispatch"]
+    print("| layer | wall ms | tokens/s | MoE / this (wall) | CPU ms | MoE / this (CPU) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k, s in secs.items():
-        print(f"| {k} | {s * 1e3:.1f} | {args.tokens / s:,.0f} | {s / ref:.2f}x |")
+        c = cpu[k]
+        print(
+            f"| {k} | {s * 1e3:.1f} | {args.tokens / s:,.0f} | {s / ref:.2f}x "
+            f"| {c * 1e3:.1f} | {c / cref:.2f}x |"
+        )
     print(
         json.dumps(
             {
                 "args": vars(args),
                 "seconds": secs,
+                "cpu_seconds": cpu,
                 "moe_vs_dense": secs[next(iter(list(secs)[1:]))] / ref,
                 "moe_vs_naive": secs["(b) naive: every expert, masked"] / ref,
                 "torch": torch.__version__,
