@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .moe import FFN, MoELayer, MoEOutput, load_balancing_loss
+from .upcycle import upcycle_to_mixtral
 
-__all__ = ["FFN", "MoELayer", "MoEOutput", "load_balancing_loss"]
+__all__ = ["FFN", "MoELayer", "MoEOutput", "load_balancing_loss", "upcycle_to_mixtral"]
