@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import BrickworkError
 from . import report
-from .evaluate import Evaluator, grid, select_hyperparameters
+from .evaluate import MAX_COMBOS, Evaluator, grid, select_hyperparameters
 from .suites import Suite, Task, make_suite
 from .train import Trainer, full_state
 
@@ -109,9 +109,8 @@ def _merge_rows(
             def score_val(state: dict[str, torch.Tensor]) -> dict[str, float]:
                 return ev.accuracy(state, heads, tasks, "val")
 
-            sel = select_hyperparameters(
-                grid(m.search_space), merge, score_val, errors=(BrickworkError,)
-            )
+            combos = grid(m.search_space, cap=2 if suite.quick else MAX_COMBOS)
+            sel = select_hyperparameters(combos, merge, score_val, errors=(BrickworkError,))
             if sel.params is None or sel.state is None:
                 rows.append(_row(name, "merge", status="skipped", reason=sel.error,
                                  seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def bench_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private fine-tune cache for the whole session (fine-tunes are shared by tests)."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("bench-cache")
+    mp.setenv("BRICKWORK_CACHE", str(path))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def quick_text_results(bench_cache, tmp_path_factory: pytest.TempPathFactory):
+    """One ``--quick`` end-to-end run of the default suite: (results dict, output dir)."""
+    from brickwork.bench import run_bench
+
+    out = tmp_path_factory.mktemp("bench-out") / "text"
+    results = run_bench("text", out=out, quick=True, seed=0, progress=False)
+    return results, out
