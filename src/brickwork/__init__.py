@@ -33,6 +33,9 @@ _EXPORTS = {
     "parse_recipe": "brickwork.recipe",
     "MergeRecipe": "brickwork.recipe",
     "BrickworkError": "brickwork.errors",
+    "MoELayer": "brickwork.route.moe",
+    "load_balancing_loss": "brickwork.route.moe",
+    "upcycle_to_mixtral": "brickwork.route.upcycle",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

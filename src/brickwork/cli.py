@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .errors import BrickworkError
+from .route.cli import route_app
 
 app = typer.Typer(
     name="brickwork",
@@ -107,6 +108,9 @@ def demo(
     from .demo import run_demo
 
     run_demo(out)
+
+
+app.add_typer(route_app, name="route")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,27 @@
-"""route: mixture-of-experts layers, upcycling dense fine-tunes into MoE checkpoints."""
+"""route: mixture-of-experts layers, upcycling dense fine-tunes into MoE checkpoints.
+
+Exports are imported on first use, so ``brickwork route --help`` does not import torch.
+"""
 
 from __future__ import annotations
 
-from .moe import FFN, MoELayer, MoEOutput, load_balancing_loss
-from .upcycle import upcycle_to_mixtral
+import importlib
+from typing import Any
 
-__all__ = ["FFN", "MoELayer", "MoEOutput", "load_balancing_loss", "upcycle_to_mixtral"]
+_EXPORTS = {
+    "FFN": "brickwork.route.moe",
+    "MoELayer": "brickwork.route.moe",
+    "MoEOutput": "brickwork.route.moe",
+    "load_balancing_loss": "brickwork.route.moe",
+    "upcycle_to_mixtral": "brickwork.route.upcycle",
+    "UpcycleRecipe": "brickwork.route.recipe",
+    "load_upcycle_recipe": "brickwork.route.recipe",
+    "parse_upcycle_recipe": "brickwork.route.recipe",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'brickwork.route' has no attribute {name!r}")

@@ -32,6 +32,7 @@ SUPPORTED = ("llama", "mistral")
 _FFN = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.)mlp\.(?P<proj>gate|up|down)_proj\.weight$"
 )
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _EXPERT_NAME = {"gate": "w1", "up": "w3", "down": "w2"}
 # MixtralConfig fields that a Llama / Mistral config.json may carry with the same meaning.
 _CONFIG_KEYS = (
@@ -219,6 +220,7 @@ def upcycle_to_mixtral(
     router_hidden: torch.Tensor | None = None,
     seed: int = 0,
     shard_size: str | int = "5GB",
+    dtype: str | None = None,
     force: bool = False,
 ) -> Path:
     """Write a Mixtral model at ``out`` whose expert ``e`` is ``experts[e]``'s FFN.
@@ -229,8 +231,9 @@ def upcycle_to_mixtral(
     ``initializer_range``, seeded per layer by ``seed``. ``router_init="hidden"``: row ``e``
     of layer ``l``'s router is ``router_hidden[l, e]`` (shape (layers, experts, hidden): e.g.
     the mean hidden state that layer sees on prompts for expert ``e``), scaled to unit norm,
-    as mergekit-moe's ``hidden`` mode. The output appears atomically; on
-    any error nothing is written.
+    as mergekit-moe's ``hidden`` mode. ``dtype`` ("float32", "float16", "bfloat16") casts
+    every output tensor; by default each keeps the base's dtype. The output appears
+    atomically; on any error nothing is written.
     """
     if not experts:
         raise RecipeError("upcycle: give at least one fine-tune (expert); got none.")
@@ -248,6 +251,8 @@ def upcycle_to_mixtral(
             f"and only with it; got router_init={router_init!r} and router_hidden "
             f"{'given' if router_hidden is not None else 'missing'}."
         )
+    if dtype is not None and dtype not in _DTYPES:
+        raise RecipeError(f"upcycle: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
     if merge_method is not None:
         from ..merge.registry import get_method
 
@@ -294,6 +299,13 @@ def upcycle_to_mixtral(
         return (torch.randn(info.shape, generator=g) * std).to(info.dtype)
 
     jobs = _plan(ckpts, expert_keys, merge_tensor, router)
+    if dtype is not None:
+        to = _DTYPES[dtype]
+        jobs = [
+            _Job(TensorInfo(j.info.name, j.info.shape, to), lambda f=j.compute: f().to(to))
+            for j in jobs
+        ]
+        cfg = {**{k: v for k, v in cfg.items() if k != "torch_dtype"}, "dtype": dtype}
     with CheckpointWriter(out, [j.info for j in jobs], shard_size=shard_size, force=force) as w:
         for j in jobs:
             w.write(j.info.name, j.compute())
@@ -308,6 +320,7 @@ def upcycle_to_mixtral(
             "router_init": router_init,
             "router_std": std if router_init == "random" else None,
             "seed": seed,
+            "dtype": dtype,
         }
         inputs = {
             "base": {"path": str(base), "sha256": ckpts["base"].checksum()},
