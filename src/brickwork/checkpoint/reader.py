@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,9 @@ def _safe_torch_load(f: Path) -> dict[str, torch.Tensor]:
 
     try:
         mmap = zipfile.is_zipfile(f)
-        obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; our errors say more
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower() and "unsupported global" not in str(e).lower():
             raise CheckpointError(
