@@ -16,10 +16,11 @@ def bench_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def quick_text_results(bench_cache, tmp_path_factory: pytest.TempPathFactory):
-    """One ``--quick`` end-to-end run of the default suite: (results dict, output dir)."""
+def quick_results(bench_cache, tmp_path_factory: pytest.TempPathFactory):
+    """One ``--quick`` end-to-end run with every method, on the ``digits`` suite (seconds
+    on CPU; merging MiniLM with every method takes minutes): (results dict, output dir)."""
     from brickwork.bench import run_bench
 
-    out = tmp_path_factory.mktemp("bench-out") / "text"
-    results = run_bench("text", out=out, quick=True, seed=0, progress=False)
+    out = tmp_path_factory.mktemp("bench-out") / "digits"
+    results = run_bench("digits", out=out, quick=True, seed=0, progress=False)
     return results, out

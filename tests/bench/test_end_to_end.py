@@ -2,22 +2,25 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from brickwork.bench import data as D
 from brickwork.bench.report import SCHEMA_VERSION, validate
 from brickwork.merge.registry import list_methods
 
 
-def test_quick_run_writes_every_output_and_matches_the_schema(quick_text_results):
-    results, out = quick_text_results
+def test_quick_run_writes_every_output_and_matches_the_schema(quick_results):
+    results, out = quick_results
     on_disk = json.loads((out / "results.json").read_text())
     validate(on_disk)
-    assert on_disk["schema"] == SCHEMA_VERSION and on_disk["suite"] == "text"
+    assert on_disk["schema"] == SCHEMA_VERSION and on_disk["suite"] == "digits"
     assert (out / "results.md").read_text().startswith("# brickwork bench")
     assert (out / "normalized.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert on_disk["environment"]["packages"]["torch"]
 
 
-def test_every_registered_method_has_a_row(quick_text_results):
-    results, _ = quick_text_results
+def test_every_registered_method_has_a_row(quick_results):
+    results, _ = quick_results
     methods = [r["method"] for r in results["rows"]]
     assert methods[:4] == ["base", "individual", "multitask", "ensemble"]
     assert sorted(methods[4:]) == list_methods()
@@ -27,12 +30,28 @@ def test_every_registered_method_has_a_row(quick_text_results):
     assert ind["normalized"] == 1.0
 
 
-def test_second_run_reuses_cached_fine_tunes(quick_text_results, tmp_path):
+def test_second_run_reuses_cached_fine_tunes(quick_results, tmp_path):
     from brickwork.bench import run_bench
 
-    results, _ = quick_text_results
-    again = run_bench("text", out=tmp_path, quick=True, methods=["linear"], progress=False)
+    results, _ = quick_results
+    again = run_bench("digits", out=tmp_path, quick=True, methods=["linear"], progress=False)
     assert all(again["cache"]["hits"].values())
     first = {r["method"]: r["per_task"] for r in results["rows"]}
     for r in again["rows"]:
         assert r["per_task"] == first[r["method"]]  # deterministic given the cache
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not D.WORDNET_DIR.exists(), reason="wordnet-base not installed")
+def test_quick_text_suite_end_to_end(bench_cache, tmp_path):
+    """The default suite end to end (MiniLM), with two methods to keep it short."""
+    from brickwork.bench import run_bench
+
+    results = run_bench(
+        "text", out=tmp_path, quick=True, methods=["linear", "ties"], progress=False
+    )
+    validate(json.loads((tmp_path / "results.json").read_text()))
+    expected = [n for n in ("noun_supersense", "gloss_pos", "word_pos", "fortune_topic")
+                if n not in results["skipped_tasks"]]  # fmt: skip
+    assert [t["name"] for t in results["tasks"]] == expected
+    assert [r["method"] for r in results["rows"]][4:] == ["linear", "ties"]

@@ -83,10 +83,10 @@ def _no_bar(description: str, total: int) -> _NoBar:
 
 
 @pytest.mark.parametrize("bad", [{"x": 1}, {"rows": "no"}])
-def test_schema_rejects_malformed_results(quick_text_results, bad):
+def test_schema_rejects_malformed_results(quick_results, bad):
     from brickwork.bench.report import ResultsSchemaError, validate
 
-    results, _ = quick_text_results
+    results, _ = quick_results
     with pytest.raises(ResultsSchemaError):
         validate({**results, **bad})
     row = dict(results["rows"][0], per_task={"nope": 2.0})

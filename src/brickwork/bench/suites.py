@@ -9,10 +9,15 @@ how to batch the inputs.
     task                classes  input -> label                                  per class train/val/test
     ==================  =======  ==============================================  =====================
     noun_supersense     24       WordNet noun gloss -> lexicographer file        40 / 4 / 10
-    verb_supersense     14       WordNet verb gloss -> lexicographer file        60 / 7 / 16
     gloss_pos           4        WordNet gloss -> part of speech of its synset   200 / 25 / 60
-    fortune_topic       8        fortune (first 32 tokens) -> topic file         80 / 10 / 20
+    word_pos            4        WordNet lemma (first word of a synset) -> POS   200 / 25 / 60
+    fortune_topic       8        fortune (first 24 tokens) -> topic file         80 / 10 / 20
+    verb_supersense     14       WordNet verb gloss -> lexicographer file        60 / 7 / 16
     ==================  =======  ==============================================  =====================
+
+    The first four are the default; ``verb_supersense`` is opt-in (``--tasks``): in a short
+    CPU fine-tune (100 steps, lr 1e-4) it gained almost nothing over the probe (50.0 -> 51.3 %
+    test accuracy).
 
     (``noun.Tops``, ``noun.motive`` and ``verb.weather`` are left out: too few synsets for a
     balanced test split.) The word-embedding table is frozen during fine-tuning (it is half
@@ -175,7 +180,7 @@ _POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adve
 class TextSuite(Suite):
     name = "text"
     feature_dim = 384
-    max_len = 32
+    max_len = 24
 
     _SIZES: dict[str, tuple[int, int, int]] = {
         "noun_supersense": (40, 4, 10),
@@ -207,8 +212,8 @@ class TextSuite(Suite):
 
     def train_config(self, quick: bool) -> TrainConfig:
         if quick:
-            return TrainConfig(steps=6, batch_size=16, probe_iters=20, multitask_steps=8)
-        return TrainConfig()
+            return TrainConfig(steps=6, batch_size=16, lr=3e-4, probe_iters=20, multitask_steps=8)
+        return TrainConfig(steps=80, batch_size=32, lr=3e-4, multitask_steps=160)
 
     def _sizes(self, task: str) -> dict[str, int]:
         sizes = (self._QUICK if self.quick else self._SIZES)[task]
