@@ -55,3 +55,20 @@ def test_quick_text_suite_end_to_end(bench_cache, tmp_path):
                 if n not in results["skipped_tasks"]]  # fmt: skip
     assert [t["name"] for t in results["tasks"]] == expected
     assert [r["method"] for r in results["rows"]][4:] == ["linear", "ties"]
+
+
+def test_cli_command_runs_a_narrowed_quick_bench(quick_results, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from brickwork.bench.cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # two commands: 'bench' stays a subcommand
+    args = ["bench", "--suite", "digits", "--quick", "--methods", "linear", "--tasks",
+            "digit,rot90", "--out", str(tmp_path)]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [t["name"] for t in res["tasks"]] == ["digit", "rot90"]

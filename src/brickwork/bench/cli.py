@@ -1,4 +1,5 @@
-"""The ``brickwork bench`` command, as a Typer app to mount with ``app.add_typer``."""
+"""The ``brickwork bench`` command. Register it on the main Typer app with
+``app.command("bench")(brickwork.bench.cli.bench)`` (or :func:`register`)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,15 @@ from pathlib import Path
 
 import typer
 
-bench_app = typer.Typer(help="Benchmark every merge method on a real multi-task suite.")
-
 
 def _split(v: str | None) -> list[str] | None:
     return [x.strip() for x in v.split(",") if x.strip()] if v else None
 
 
-@bench_app.callback(invoke_without_command=True)
 def bench(
     suite: str = typer.Option("text", "--suite", help="Suite: text (default) or digits."),
     out: Path | None = typer.Option(
-        None, "--out", help="Output dir [bench-results/<suite>-<date>]."
+        None, "--out", help="Output directory (default: bench-results/SUITE-DATE)."
     ),
     quick: bool = typer.Option(False, "--quick", help="Few steps and examples: a smoke test."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated task names."),
@@ -28,3 +26,7 @@ def bench(
     from .runner import run_bench
 
     run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods), seed=seed)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
