@@ -120,18 +120,64 @@ class Checkpoint:
         return []
 
     def checksum(self) -> str:
-        """sha256 of the weight files (first 16 hex digits); cheap identity for state dicts."""
-        h = hashlib.sha256()
+        """sha256 of the weight file (of the shards' digests when sharded), first 16 hex digits.
+
+        Digests are cached by (path, size, mtime) like git's index, so merging the same
+        inputs again does not re-read them; state dicts get a digest of their metadata.
+        """
         files = self.files()
         if not files:
+            h = hashlib.sha256()
             for i in self._infos.values():
                 h.update(f"{i.name}{i.shape}{i.dtype}".encode())
             return "meta:" + h.hexdigest()[:16]
-        for f in files:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return h.hexdigest()[:16]
+        digests = [file_sha256(f) for f in files]
+        if len(digests) == 1:
+            return digests[0][:16]
+        return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+_HASH_LOCK = threading.Lock()
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get("BRICKWORK_CACHE") or Path.home() / ".cache" / "brickwork"
+    return Path(root) / "sha256-cache.json"
+
+
+def file_sha256(f: Path) -> str:
+    """Full sha256 hex digest of ``f``, cached by resolved path, size and mtime."""
+    st = f.stat()
+    key = str(f.resolve())
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file = _hash_cache_path()
+    with _HASH_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        hit = cache.get(key)
+        if isinstance(hit, dict) and hit.get("stamp") == stamp:
+            return str(hit["sha256"])
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _HASH_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        try:  # best effort: a read-only home must not fail a merge
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(cache_file)
+        except OSError:
+            pass
+    return digest
 
 
 class StateDictCheckpoint(Checkpoint):
