@@ -30,7 +30,7 @@ debs:
 	fi
 
 demo: setup debs
-	$(VENV)/bin/brickwork demo
+	$(VENV)/bin/brickwork bench --suite text
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

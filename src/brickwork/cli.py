@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .bench.cli import register as _register_bench
 from .errors import BrickworkError
 from .route.cli import route_app
 
@@ -111,6 +112,7 @@ def demo(
 
 
 app.add_typer(route_app, name="route")
+_register_bench(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,18 @@
 """Benchmark suites: real multi-task data, cached fine-tunes of a shared base, and every
-registered merge method evaluated on them (``brickwork bench``)."""
+registered merge method evaluated on them (``brickwork bench``).
+
+Exports load on first use so that ``brickwork --help`` does not import torch."""
 
 from __future__ import annotations
 
-from .data import MissingDataError
-from .runner import run_bench
+import importlib
+from typing import Any
 
-__all__ = ["MissingDataError", "run_bench"]
+_EXPORTS = {"MissingDataError": ".data", "run_bench": ".runner"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
