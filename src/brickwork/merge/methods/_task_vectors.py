@@ -27,9 +27,11 @@ def combine_task_vectors(
     """
     if not tensors:
         return base.clone()
-    deltas = torch.stack([t - base for t in tensors])  # (models, *shape)
-    if sparsify is not None:
-        deltas = torch.stack([sparsify(d, i) for i, d in enumerate(deltas)])
+    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype)  # (models, *shape)
+    for i, t in enumerate(tensors):  # filled in place: no stacked temporaries
+        torch.sub(t, base, out=deltas[i])
+        if sparsify is not None:
+            deltas[i] = sparsify(deltas[i], i)
     w = torch.tensor(list(weight), dtype=deltas.dtype).reshape(
         -1, *([1] * base.ndim)
     )  # (models, 1, ...)
