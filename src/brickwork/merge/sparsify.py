@@ -22,8 +22,12 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = True
+    mag = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(mag, n - k + 1).values  # the k-th largest; O(n) selection
+    keep = mag > threshold  # fewer than k entries
+    missing = k - int(keep.sum())
+    if missing > 0:  # entries tied at the threshold: keep the first ones, exactly k in all
+        keep[(mag == threshold).nonzero().squeeze(1)[:missing]] = True
     return delta * keep.reshape(delta.shape)
 
 
