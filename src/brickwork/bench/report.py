@@ -232,7 +232,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in results["rows"] if r["status"] == "ok"]
     tasks = [t["name"] for t in results["tasks"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * (len(tasks) + 1) / 2), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2.5), 4.0))
     width = 0.8 / (len(tasks) + 1)
     for j, t in enumerate([*tasks, "average"]):
         ys = [
@@ -245,7 +245,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("normalized accuracy (%)")
     ax.axhline(100, color="grey", lw=0.8)
     ax.set_title(f"brickwork bench — {results['suite']}")
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -240,15 +240,14 @@ class Trainer:
         make: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
     ) -> dict[str, torch.Tensor]:
         hit = load_cached(key)
+        made = hit is None
         if hit is None:
             t0 = time.perf_counter()
             tensors, meta = make()
             meta = {**meta, "train_seconds": round(time.perf_counter() - t0, 2), "key": key}
             save_cached(key, tensors, meta)
             hit = (tensors, meta)
-            self.cache_hits[name] = False
-        else:
-            self.cache_hits[name] = True
+        self.cache_hits.setdefault(name, not made)  # the first request decides
         self.timings[name] = float(hit[1].get("train_seconds", 0.0))
         return hit[0]
 
