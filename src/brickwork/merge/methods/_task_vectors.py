@@ -38,8 +38,8 @@ def combine_task_vectors(
     deltas.mul_(w)
     if consensus:
         mask = sign_consensus(deltas).to(deltas.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        mixed = deltas.mul_(mask).sum(dim=0)  # in place: no (models, ...) temporaries
+        divisor = mask.mul_(w).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
