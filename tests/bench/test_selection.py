@@ -53,7 +53,9 @@ def test_hyperparameter_selection_never_reads_the_test_split(bench_cache):
 
     def run() -> tuple[list[dict], list[tuple[str, tuple[str, ...]]]]:
         ev = Evaluator(suite, trainer)
-        rows = _merge_rows(suite, suite.tasks, ev, finetunes, methods, seed=0, progress=_no_bar)
+        rows = _merge_rows(
+            suite, suite.tasks, ev, finetunes, methods, seed=0, progress=_no_bar, use_cache=False
+        )
         return rows, ev.calls
 
     clean, calls = run()

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from ..errors import BrickworkError
+from . import data as D
 from . import report
 from .evaluate import MAX_COMBOS, Evaluator, grid, select_hyperparameters
 from .suites import Suite, Task, make_suite
-from .train import Trainer, full_state
+from .train import Trainer, cache_key, full_state, load_row, save_row, source_hash
 
 
 class _Bar:
@@ -82,7 +83,12 @@ def _merge_rows(
     *,
     seed: int,
     progress: Any,
+    reused: list[str] | None = None,
+    use_cache: bool = True,
 ) -> list[dict[str, Any]]:
+    """One row per merge method. A row computed before from the same fine-tunes, data,
+    seed and merge code is read from the cache (its name is appended to ``reused``)."""
+    reused = [] if reused is None else reused
     from ..merge.api import merge_state_dicts
     from ..merge.registry import get_method, list_methods
 
@@ -98,6 +104,14 @@ def _merge_rows(
         for name in names:
             m = get_method(name)
             t0 = time.perf_counter()
+            key = _row_key(suite, tasks, ev.trainer, f"merge:{name}", seed=seed)
+            cached = load_row(key) if use_cache else None
+            if cached is not None:
+                rows.append(cached)
+                reused.append(name)
+                if bar is not None:
+                    bar.advance()
+                continue
 
             def merge(params: dict[str, Any], m: Any = m) -> dict[str, torch.Tensor]:
                 merged = merge_state_dicts(
@@ -122,9 +136,18 @@ def _merge_rows(
                     params=enc_params + _n_params([], list(heads.values())),
                     seconds=round(time.perf_counter() - t0, 2),
                 ))  # fmt: skip
+            save_row(key, rows[-1])
             if bar is not None:
                 bar.advance()
     return rows
+
+
+def _row_key(suite: Suite, tasks: list[Task], trainer: Trainer, what: str, **extra: Any) -> str:
+    return cache_key(
+        kind="row", what=what, suite=suite.name, quick=suite.quick, models=sorted(trainer.keys.items()),
+        data=[(t.name, t.fingerprint(D.SPLITS)) for t in tasks],
+        code=source_hash("merge", "bench", "checkpoint"), **extra,
+    )  # fmt: skip
 
 
 def _finish(rows: list[dict[str, Any]], tasks: list[Task]) -> None:
@@ -203,7 +226,10 @@ def run_bench(
                          params=len(task_list) * enc_params + _n_params([], list(ft_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
         _adv(b)
-    rows += _merge_rows(s, task_list, ev, finetunes, methods, seed=seed, progress=bar)
+    reused: list[str] = []
+    rows += _merge_rows(
+        s, task_list, ev, finetunes, methods, seed=seed, progress=bar, reused=reused
+    )
     _finish(rows, task_list)
 
     results = {
@@ -223,7 +249,7 @@ def run_bench(
         ],
         "skipped_tasks": dict(s.skipped),
         "train_config": report.asdict_config(s.config),
-        "cache": {"hits": trainer.cache_hits},
+        "cache": {"hits": trainer.cache_hits, "reused_rows": reused},
         "rows": rows,
         "environment": report.environment(),
         "wall_seconds": round(time.perf_counter() - t_start, 2),

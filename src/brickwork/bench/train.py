@@ -216,6 +216,7 @@ class Trainer:
         self._prepared: dict[tuple[str, str], list[Any]] = {}
         self.timings: dict[str, float] = {}  # key -> seconds it took to train (from meta)
         self.cache_hits: dict[str, bool] = {}
+        self.keys: dict[str, str] = {}  # name -> cache key of what was trained
 
     def prepared(self, task: Task, split: str) -> list[Any]:
         if (task.name, split) not in self._prepared:
@@ -239,6 +240,7 @@ class Trainer:
         key: str,
         make: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
     ) -> dict[str, torch.Tensor]:
+        self.keys[name] = key
         hit = load_cached(key)
         made = hit is None
         if hit is None:
@@ -334,3 +336,28 @@ def pretrain_digits(suite: Any) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     save_cached(key, state, {"kind": "digits-base", "steps": steps})
     return state
+
+
+def source_hash(*packages: str) -> str:
+    """Hash of the ``.py`` sources of brickwork subpackages (e.g. ``merge``): a cached
+    result computed by other code is never reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_row(key: str) -> dict[str, Any] | None:
+    p = cache_root() / "rows" / f"{key}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def save_row(key: str, row: dict[str, Any]) -> None:
+    d = cache_root() / "rows"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{key}.tmp"
+    tmp.write_text(json.dumps(row, default=str))
+    os.replace(tmp, d / f"{key}.json")
