@@ -234,16 +234,18 @@ _KNOWN_KEYS = sorted(
 )
 
 
-def _format_validation_error(e: ValidationError, source: str) -> RecipeError:
+def format_validation_error(
+    e: ValidationError, source: str, *, known_keys: list[str], kind: str = "recipe"
+) -> RecipeError:
+    """One short error for every problem pydantic found: location, what is wrong, and for a
+    misspelt key the nearest of ``known_keys``. Unknown keys are listed first."""
     lines = []
     for err in e.errors():
-        loc = ".".join(
-            str(x) for x in err["loc"] if not str(x).startswith(("function-", "tagged-union"))
-        )
-        loc = loc.replace(".[", "[")
+        parts = [x for x in err["loc"] if not str(x).startswith(("function-", "tagged-union"))]
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in parts).removeprefix(".")
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
-            lines.append(f"{loc}: unknown key '{key}'.{did_you_mean(key, _KNOWN_KEYS)}")
+            lines.append(f"{loc}: unknown key '{key}'.{did_you_mean(key, known_keys)}")
         elif err["type"] == "missing":
             lines.append(f"{loc}: required field is missing")
         else:
@@ -251,8 +253,23 @@ def _format_validation_error(e: ValidationError, source: str) -> RecipeError:
             got = err.get("input")
             shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
             lines.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
-    uniq = list(dict.fromkeys(lines))
-    return RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(uniq[:8]))
+    uniq = sorted(dict.fromkeys(lines), key=lambda line: "unknown key" not in line)
+    return RecipeError(f"{source}: invalid {kind}:\n  " + "\n  ".join(uniq[:8]))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; unreadable files and syntax errors name the file and the line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror}).") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
 
 
 def parse_recipe(data: Any, *, source: str = "<recipe>") -> MergeRecipe:
@@ -272,22 +289,11 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> MergeRecipe:
             )
         return MergeRecipe.model_validate(data)
     except ValidationError as e:
-        raise _format_validation_error(e, source) from None
+        raise format_validation_error(e, source, known_keys=_KNOWN_KEYS) from None
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
     """Read and validate a YAML recipe file; errors name the file and the field."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror}).") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
-    return parse_recipe(data, source=str(p))
+    return parse_recipe(read_yaml(path), source=str(path))

@@ -40,8 +40,9 @@ def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Chec
     return ckpts
 
 
-def _check_output_is_not_input(out: Path, ckpts: Mapping[str, Checkpoint]) -> None:
-    o = out.resolve()
+def check_output_is_not_input(out: Path, ckpts: Mapping[str, Checkpoint]) -> None:
+    """Refuse an output path that is, contains or lies inside an input model."""
+    o = Path(out).expanduser().resolve()
     for key, ck in ckpts.items():
         if ck.path is None:
             continue
@@ -137,7 +138,7 @@ def merge(
         recipe = parse_recipe({**recipe.model_dump(), "dtype": dtype}, source="--dtype")
     out = Path(out)
     ckpts = _open_models(recipe, recipe_dir)
-    _check_output_is_not_input(out, ckpts)
+    check_output_is_not_input(out, ckpts)
     plan = build_plan(recipe, ckpts)
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash inputs while merging

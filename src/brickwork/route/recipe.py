@@ -25,12 +25,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import CheckpointError, RecipeError, did_you_mean
 from ..merge.registry import get_method
-from ..recipe import _check_params
+from ..recipe import _check_params, format_validation_error, read_yaml
 
 DType = Literal["float32", "float16", "bfloat16"]
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
@@ -154,26 +153,6 @@ _KNOWN_KEYS = sorted(
 )
 
 
-def _format_validation_error(e: ValidationError, source: str) -> RecipeError:
-    """As :func:`brickwork.recipe._format_validation_error`, with the upcycle recipes' keys."""
-    lines = []
-    for err in e.errors():
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"])
-        loc = loc.removeprefix(".")
-        if err["type"] == "extra_forbidden":
-            key = str(err["loc"][-1])
-            lines.append(f"{loc}: unknown key '{key}'.{did_you_mean(key, _KNOWN_KEYS)}")
-        elif err["type"] == "missing":
-            lines.append(f"{loc}: required field is missing")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-            lines.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
-    uniq = sorted(dict.fromkeys(lines), key=lambda line: "unknown key" not in line)
-    return RecipeError(f"{source}: invalid upcycle recipe:\n  " + "\n  ".join(uniq[:8]))
-
-
 def _is_mergekit(data: dict[str, Any]) -> bool:
     if any(k in data for k in _MERGEKIT_ONLY):
         return True
@@ -197,25 +176,16 @@ def parse_upcycle_recipe(data: Any, *, source: str = "<recipe>") -> UpcycleRecip
             return MergekitMoERecipe.model_validate(data).to_native()
         return UpcycleRecipe.model_validate(data)
     except ValidationError as e:
-        raise _format_validation_error(e, source) from None
+        raise format_validation_error(
+            e, source, known_keys=_KNOWN_KEYS, kind="upcycle recipe"
+        ) from None
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
 
 
 def load_upcycle_recipe(path: str | Path) -> UpcycleRecipe:
     """Read and validate a YAML upcycle recipe; errors name the file and the field."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror}).") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
-    return parse_upcycle_recipe(data, source=str(p))
+    return parse_upcycle_recipe(read_yaml(path), source=str(path))
 
 
 def resolve_model_path(path: str, recipe_dir: Path | None, *, where: str) -> Path:

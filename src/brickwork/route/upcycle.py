@@ -26,6 +26,7 @@ from ..checkpoint.provenance import environment
 from ..checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import CheckpointError, IncompatibleModelsError, OutputExistsError, RecipeError
+from ..merge.api import check_output_is_not_input
 
 RouterInit = Literal["random", "hidden"]
 SUPPORTED = ("llama", "mistral")
@@ -144,16 +145,8 @@ def _check_architecture(ckpts: Mapping[str, Checkpoint]) -> dict[str, Any]:
 
 
 def _check_output(out: Path, ckpts: Mapping[str, Checkpoint], force: bool) -> None:
+    check_output_is_not_input(out, ckpts)
     o = out.expanduser().resolve()
-    for key, ck in ckpts.items():
-        if ck.path is None:
-            continue
-        p = ck.path.resolve()
-        if o == p or o in p.parents or p in o.parents:
-            raise OutputExistsError(
-                f"output {out} overlaps input {key} ({p}); brickwork never writes over its "
-                "inputs. Choose another output path."
-            )
     if o.exists() and not force:
         raise OutputExistsError(
             f"{o}: already exists. Choose another output path or pass force=True to replace it."
