@@ -64,7 +64,7 @@ def _model_card(
         "---",
         f"# Merged model ({m.name})",
         "",
-        f"Made with [brickwork]({'https://pypi.org/project/brickwork/'}) {env['brickwork']} on {env['created']}.",
+        f"Made with brickwork {env['brickwork']} on {env['created']}.",
         "",
         f"**Method:** `{m.name}` — {m.description}" + (f" ({m.reference})" if m.reference else ""),
         "",
