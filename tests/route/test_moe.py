@@ -125,7 +125,7 @@ def test_load_balancing_loss_is_coef_for_uniform_and_larger_when_collapsed():
     ("kwargs", "match"),
     [
         ({"top_k": 5}, "top_k must be in"),
-        ({"activation": "relu"}, "activation must be"),
+        ({"activation": "mish"}, "activation must be"),
         ({"routing": "sinkhorn"}, "routing must be"),
     ],
 )

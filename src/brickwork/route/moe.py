@@ -5,13 +5,16 @@ expert runs one matmul on its contiguous group; results are weighted and scatter
 back with ``index_add_``. The only Python loop is over experts, never over tokens.
 :meth:`MoELayer.forward_dense_reference` computes every expert on every token and masks:
 the same numbers, for tests and as the naive baseline of ``benchmarks/moe_dispatch.py``.
+
+:class:`MoEBlock` wraps a layer so that it returns a plain tensor, the drop-in replacement
+for a dense FFN module inside a model (``brickwork.route.format`` saves and loads these).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +22,17 @@ from torch import nn
 
 from ..errors import RecipeError
 
-Activation = Literal["swiglu", "gelu"]
+Activation = Literal["swiglu", "gelu", "gelu_tanh", "relu", "silu"]
 Routing = Literal["topk_softmax", "softmax_topk"]
+Combine = Literal["weighted", "sum"]
+OutBias = Literal["expert", "shared", "none"]
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
+_ACT = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 class MoEOutput(NamedTuple):
@@ -45,13 +57,22 @@ class MoELayer(nn.Module):
     ``activation="swiglu"`` (Llama/Mixtral): ``down(silu(gate(x)) * up(x))``, no biases;
     gate and up are stored fused as ``gate_up`` of shape ``(n_experts, 2 * d_ff, d_model)``
     (gate rows first), ``down`` as ``(n_experts, d_model, d_ff)``.
-    ``activation="gelu"`` (BERT): ``w_out(gelu(w_in(x) + b_in)) + b_out``.
+    ``activation="gelu"`` (BERT): ``w_out(gelu(w_in(x) + b_in)) + b_out``; likewise
+    ``"gelu_tanh"``, ``"relu"`` and ``"silu"`` (one activation, no gate, with biases).
 
     ``routing="topk_softmax"`` (Mixtral): softmax over the ``top_k`` largest logits.
     ``routing="softmax_topk"``: softmax over all logits, then the ``top_k`` largest
     probabilities, divided by their sum if ``renormalize`` (then equal to ``topk_softmax``).
     ``shared_d_ff`` adds a shared expert of that width that every token passes through
     with weight 1 (DeepSeek-MoE style).
+
+    ``combine="sum"`` (MoEfication): the ``top_k`` experts chosen by the largest logits are
+    added with weight 1 each, so with ``top_k == n_experts`` the layer is the sum of all
+    experts. ``out_bias`` says where the output bias lives: ``"expert"`` (one ``b_out`` per
+    expert, weighted like its output; the default without a gate), ``"shared"`` (one
+    ``bias`` of shape (d_model,) added once per token: a dense FFN split into experts) or
+    ``"none"`` (the default for ``"swiglu"``, which has no biases at all). ``router_hidden``
+    makes the router a small MLP ``Linear(d_model, h) -> ReLU -> Linear(h, n_experts)``.
     """
 
     def __init__(
@@ -66,6 +87,9 @@ class MoELayer(nn.Module):
         renormalize: bool = True,
         shared_d_ff: int | None = None,
         router_bias: bool = False,
+        router_hidden: int | None = None,
+        combine: Combine = "weighted",
+        out_bias: OutBias | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -80,8 +104,23 @@ class MoELayer(nn.Module):
             f"MoELayer: top_k must be in [1, n_experts={n_experts}], got {top_k}.",
         )
         _check(
-            activation in ("swiglu", "gelu"),
-            f"MoELayer: activation must be 'swiglu' or 'gelu', got {activation!r}.",
+            activation in ACTIVATIONS,
+            f"MoELayer: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}.",
+        )
+        _check(
+            combine in ("weighted", "sum"),
+            f"MoELayer: combine must be 'weighted' or 'sum', got {combine!r}.",
+        )
+        glu = activation == "swiglu"
+        out_bias = out_bias or ("none" if glu else "expert")
+        _check(
+            out_bias in (("none", "shared") if glu else ("expert", "shared", "none")),
+            f"MoELayer: out_bias must be 'expert', 'shared' or 'none' ('none' or 'shared' for "
+            f"swiglu, which has no per-expert biases), got {out_bias!r}.",
+        )
+        _check(
+            router_hidden is None or router_hidden > 0,
+            f"MoELayer: router_hidden must be positive, got {router_hidden}.",
         )
         _check(
             routing in ("topk_softmax", "softmax_topk"),
@@ -90,15 +129,30 @@ class MoELayer(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.routing, self.renormalize = activation, routing, renormalize
-        self.router = nn.Linear(d_model, n_experts, bias=router_bias, **kw)
-        if activation == "swiglu":
+        self.combine, self.out_bias, self.router_bias = combine, out_bias, router_bias
+        self.router_hidden, self.shared_d_ff = router_hidden, shared_d_ff
+        if router_hidden is None:
+            self.router: nn.Module = nn.Linear(d_model, n_experts, bias=router_bias, **kw)
+        else:
+            self.router = nn.Sequential(
+                nn.Linear(d_model, router_hidden, **kw),
+                nn.ReLU(),
+                nn.Linear(router_hidden, n_experts, bias=router_bias, **kw),
+            )
+        if glu:
             self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * d_ff, d_model, **kw))
             self.register_parameter("b_in", None)
-            self.register_parameter("b_out", None)
         else:
             self.gate_up = nn.Parameter(torch.empty(n_experts, d_ff, d_model, **kw))
             self.b_in = nn.Parameter(torch.empty(n_experts, d_ff, **kw))
+        if out_bias == "expert":
             self.b_out = nn.Parameter(torch.empty(n_experts, d_model, **kw))
+        else:
+            self.register_parameter("b_out", None)
+        if out_bias == "shared":
+            self.bias = nn.Parameter(torch.empty(d_model, **kw))
+        else:
+            self.register_parameter("bias", None)
         self.down = nn.Parameter(torch.empty(n_experts, d_model, d_ff, **kw))
         self.shared: FFN | None = (
             FFN(d_model, shared_d_ff, activation=activation, **kw) if shared_d_ff else None
@@ -108,14 +162,35 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         for p, fan_in in ((self.gate_up, self.d_model), (self.down, self.d_ff)):
             nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-        if self.b_in is not None:
-            nn.init.zeros_(self.b_in)
-            nn.init.zeros_(self.b_out)
+        for b in (self.b_in, self.b_out, self.bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (JSON-serialisable): ``MoELayer(**layer.config())``
+        builds a layer of the same shape."""
+        return {
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "activation": self.activation,
+            "routing": self.routing,
+            "renormalize": self.renormalize,
+            "shared_d_ff": self.shared_d_ff,
+            "router_bias": self.router_bias,
+            "router_hidden": self.router_hidden,
+            "combine": self.combine,
+            "out_bias": self.out_bias,
+        }
 
     # -- routing ----------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> RouterOutput:
         """``x`` (tokens, d_model) -> logits, top-k weights and expert indices."""
         logits = self.router(x)  # (tokens, n_experts)
+        if self.combine == "sum":
+            idx = logits.topk(self.top_k, dim=-1).indices  # (tokens, top_k)
+            return RouterOutput(logits, torch.ones(idx.shape, dtype=x.dtype, device=x.device), idx)
         if self.routing == "topk_softmax":
             top, idx = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
             weights = top.float().softmax(dim=-1)
@@ -135,10 +210,13 @@ class MoELayer(nn.Module):
             if out is None:
                 return F.linear(h, self.down[e])
             return torch.mm(h, self.down[e].t(), out=out)
-        h = F.gelu(F.linear(x, self.gate_up[e], self.b_in[e]))  # (n, d_ff)
+        h = _ACT[self.activation](F.linear(x, self.gate_up[e], self.b_in[e]))  # (n, d_ff)
+        b = self.b_out[e] if self.b_out is not None else None
         if out is None:
-            return F.linear(h, self.down[e], self.b_out[e])
-        return torch.addmm(self.b_out[e], h, self.down[e].t(), out=out)
+            return F.linear(h, self.down[e], b)
+        if b is None:
+            return torch.mm(h, self.down[e].t(), out=out)
+        return torch.addmm(b, h, self.down[e].t(), out=out)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
@@ -147,6 +225,8 @@ class MoELayer(nn.Module):
         out = self._dispatch(flat, r.weights, r.indices)
         if self.shared is not None:
             out = out + self.shared(flat)
+        if self.bias is not None:
+            out = out + self.bias
         return MoEOutput(out.reshape(shape), r.logits)
 
     def _dispatch(
@@ -160,14 +240,17 @@ class MoELayer(nn.Module):
         xs = x.index_select(0, token)  # (tokens * top_k, d_model), grouped by expert
         w = weights.reshape(-1, 1)[order]  # (tokens * top_k, 1)
         groups = zip(range(self.n_experts), xs.split(counts))
+        weighted = self.combine == "weighted"
         if torch.is_grad_enabled():
-            ys = torch.cat([self.expert(e, g) for e, g in groups if len(g)]) * w
+            ys = torch.cat([self.expert(e, g) for e, g in groups if len(g)])
+            ys = ys * w if weighted else ys
         else:  # inference: experts write straight into one buffer, no copies
             ys = torch.empty_like(xs)
             for (e, g), o in zip(groups, ys.split(counts)):
                 if len(g):
                     self.expert(e, g, out=o)
-            ys.mul_(w)
+            if weighted:
+                ys.mul_(w)
         return torch.zeros_like(x).index_add_(0, token, ys)  # (tokens, d_model)
 
     def forward_dense_reference(self, x: torch.Tensor) -> MoEOutput:
@@ -183,13 +266,30 @@ class MoELayer(nn.Module):
             out = out + gates[:, e : e + 1] * self.expert(e, flat)
         if self.shared is not None:
             out = out + self.shared(flat)
+        if self.bias is not None:
+            out = out + self.bias
         return MoEOutput(out.reshape(shape), r.logits)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, "
             f"top_k={self.top_k}, activation={self.activation}, routing={self.routing}"
+            + (f", combine={self.combine}" if self.combine != "weighted" else "")
+            + (f", out_bias={self.out_bias}" if self.out_bias == "shared" else "")
         )
+
+
+class MoEBlock(nn.Module):
+    """A :class:`MoELayer` that returns a plain tensor: the drop-in replacement of a dense FFN
+    module inside a model. ``forward(x, *args, **kwargs)`` ignores the extra arguments (the
+    ones some model code passes to its FFN) and returns ``moe(x).output``."""
+
+    def __init__(self, moe: MoELayer) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.moe(x).output
 
 
 class FFN(nn.Module):
@@ -215,7 +315,7 @@ class FFN(nn.Module):
         if self.activation == "swiglu":
             gate, up = self.w_in(x).chunk(2, dim=-1)
             return self.w_out(F.silu(gate) * up)
-        return self.w_out(F.gelu(self.w_in(x)))
+        return self.w_out(_ACT[self.activation](self.w_in(x)))
 
 
 def load_balancing_loss(
