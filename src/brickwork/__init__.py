@@ -9,6 +9,8 @@ The public API (everything else is private to its package)::
     brickwork.open_checkpoint(path_or_state_dict)
     brickwork.load_recipe(path), brickwork.parse_recipe(dict)
     brickwork.BrickworkError (and subclasses in brickwork.errors)
+    brickwork.moefy(model, n_experts=, top_k=, calibration=)  # MoEfication, in memory
+    brickwork.save_moe(model, out), brickwork.load(path, base=None)  # brickwork MoE format
 
 Heavy modules are imported on first use, so ``import brickwork`` stays cheap.
 """
@@ -36,6 +38,9 @@ _EXPORTS = {
     "MoELayer": "brickwork.route.moe",
     "load_balancing_loss": "brickwork.route.moe",
     "upcycle_to_mixtral": "brickwork.route.upcycle",
+    "load": "brickwork.route.format",
+    "save_moe": "brickwork.route.format",
+    "moefy": "brickwork.route.moefy",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

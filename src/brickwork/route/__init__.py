@@ -1,4 +1,5 @@
-"""route: mixture-of-experts layers, upcycling dense fine-tunes into MoE checkpoints.
+"""route: mixture-of-experts layers, upcycling dense fine-tunes into MoE checkpoints,
+MoEfication (one dense model's FFNs split into experts) and brickwork's own MoE format.
 
 Exports are imported on first use, so ``brickwork route --help`` does not import torch.
 """
@@ -13,6 +14,13 @@ _EXPORTS = {
     "MoELayer": "brickwork.route.moe",
     "MoEOutput": "brickwork.route.moe",
     "load_balancing_loss": "brickwork.route.moe",
+    "MoEBlock": "brickwork.route.moe",
+    "save_moe": "brickwork.route.format",
+    "load": "brickwork.route.format",
+    "moefy": "brickwork.route.moefy",
+    "FFNSpec": "brickwork.route.moefy",
+    "find_ffns": "brickwork.route.moefy",
+    "balanced_kmeans": "brickwork.route.cluster",
     "upcycle_to_mixtral": "brickwork.route.upcycle",
     "UpcycleRecipe": "brickwork.route.recipe",
     "load_upcycle_recipe": "brickwork.route.recipe",
