@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,22 +94,87 @@ BAD = {
         lambda f: {**_mergekit(f), "experts": [{"sorce_model": "a"}, {"source_model": "b"}]},
         ["experts[0]", "sorce_model", "'source_model'"],
     ),
-    "gate_mode_hidden": (
-        lambda f: _mergekit(f, gate_mode="hidden"),
-        ["gate_mode 'hidden' is not supported yet", "gate_mode: random"],
+    "gate_mode_hidden_without_prompts": (
+        lambda f: _mergekit(f, gate_mode="hidden", experts=_expert0(f, positive_prompts=["a"])),
+        ["experts[1].positive_prompts", "gate_mode) hidden needs at least one prompt"],
     ),
     "gate_mode_default_is_hidden": (
-        lambda f: {k: v for k, v in _mergekit(f).items() if k != "gate_mode"},
-        ["no gate_mode given, and mergekit's default gate_mode 'hidden' is not supported"],
+        lambda f: {k: v for k, v in _mergekit(f, experts=_expert0(f)).items() if k != "gate_mode"},
+        ["experts[0].positive_prompts", "hidden"],
     ),
-    "gate_mode_cheap_embed": (
-        lambda f: _mergekit(f, gate_mode="cheap_embed"),
-        ["gate_mode 'cheap_embed' is not supported yet"],
+    "gate_mode_uniform_random": (
+        lambda f: _mergekit(f, gate_mode="uniform_random"),
+        ["gate_mode 'uniform_random' is not supported"],
     ),
     "gate_mode_typo": (lambda f: _mergekit(f, gate_mode="rnadom"), ["Did you mean 'random'"]),
-    "shared_experts": (
-        lambda f: _mergekit(f, shared_experts=[{"source_model": str(f.base)}]),
-        ["shared_experts is not supported yet"],
+    "two_shared_experts": (
+        lambda f: _mergekit(f, shared_experts=[{"source_model": str(f.base)}] * 2),
+        ["shared_experts: exactly one shared expert"],
+    ),
+    "architecture": (
+        lambda f: _mergekit(f, architecture="deepseek"),
+        ["architecture 'deepseek' is not supported"],
+    ),
+    "shared_expert_with_mixtral": (
+        lambda f: _brickwork(f, shared_expert={"model": str(f.base)}, format="mixtral"),
+        ["shared_expert: Mixtral has no shared expert"],
+    ),
+    "task_without_examples": (
+        lambda f: _brickwork(
+            f,
+            router_init="task",
+            experts=[{"model": str(f.ft1), "examples": ["a"]}, {"model": str(f.ft2)}],
+        ),  # fmt: skip
+        ["experts[1].examples", "examples_file"],
+    ),
+    "examples_and_examples_file": (
+        lambda f: _brickwork(
+            f,
+            experts=[
+                {"model": str(f.ft1), "examples": ["a"], "examples_file": "x.txt"},
+                {"model": str(f.ft2)},
+            ],
+        ),  # fmt: skip
+        ["experts[0]", "examples or examples_file, not both"],
+    ),
+    "missing_examples_file": (
+        lambda f: _brickwork(
+            f,
+            router_init="task",
+            experts=[
+                {"model": str(f.ft1), "examples_file": "nope.txt"},
+                {"model": str(f.ft2), "examples": ["b"]},
+            ],
+        ),  # fmt: skip
+        ["experts[0].examples_file 'nope.txt'", "cannot read"],
+    ),
+    "train_without_texts": (
+        lambda f: _brickwork(f, router_init="train", router_train={"init": "random"}),
+        ["router_train.texts", "unlabelled texts"],
+    ),
+    "router_train_without_train": (
+        lambda f: _brickwork(f, router_init="random", router_train={"steps": 3}),
+        ["router_train only applies to router_init: train"],
+    ),
+    "router_train_typo": (
+        lambda f: _brickwork(f, router_init="train", router_train={"stpes": 3}),
+        ["stpes", "Did you mean 'steps'"],
+    ),
+    "shared_expert_other_architecture": (
+        lambda f: _brickwork(f, shared_expert={"model": str(f.bert)}),
+        ["shared_expert", "model_type 'bert'"],
+    ),
+    "hidden_without_tokenizer": (
+        lambda f: _brickwork(
+            f,
+            router_init="hidden",
+            tokenizer=str(f.ft1),
+            experts=[
+                {"model": str(f.ft1), "positive_prompts": ["a"]},
+                {"model": str(f.ft2), "positive_prompts": ["b"]},
+            ],
+        ),  # fmt: skip
+        ["tokenizer", "cannot load a tokenizer"],
     ),
     "noise_scale": (
         lambda f: _mergekit(f, experts=_expert0(f, noise_scale=0.1)),
@@ -120,7 +187,10 @@ BAD = {
         lambda f: _brickwork(f, merge_method="linear", merge_parameters={"wieght": 1}),
         ["'wieght'", "Did you mean 'weight'"],
     ),
-    "router_init_hidden": (lambda f: _brickwork(f, router_init="hidden"), ["router_init 'hidden'"]),
+    "router_init_hidden": (
+        lambda f: _brickwork(f, router_init="hidden"),
+        ["experts[0].positive_prompts", "router_init (gate_mode) hidden"],
+    ),
     "missing_model": (
         lambda f: _brickwork(f, experts=[{"model": str(f.ft1)}, {"model": "/nope/ft"}]),
         ["experts[1] '/nope/ft'", "no such file"],
@@ -134,9 +204,12 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_recipe_exits_2_names_culprit_writes_nothing(run_cli, tmp_path, llama_family, case):
+def test_bad_recipe_exits_2_names_culprit_writes_nothing(
+    run_cli, tmp_path, llama_family, bert_family, case
+):
     make, needles = BAD[case]
-    recipe = write_yaml(tmp_path / "moe.yaml", make(llama_family))
+    fam = SimpleNamespace(**vars(llama_family), bert=bert_family.base)
+    recipe = write_yaml(tmp_path / "moe.yaml", make(fam))
     out = tmp_path / "out"
     code, stdout, err = run_cli("route", "upcycle", recipe, out, "-q")
     assert code == 2, stdout + err
@@ -152,3 +225,57 @@ def test_missing_recipe_file(run_cli, tmp_path):
     assert code == 2
     assert "nope.yaml" in err and "cannot read the recipe" in err
     assert leftovers(tmp_path / "out") == []
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(llama_family, tmp_path_factory):
+    """``llama_family`` whose base has a real (character-level) tokenizer."""
+    from .test_upcycle_routers import char_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    shutil.copytree(llama_family.base, root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    return SimpleNamespace(base=root / "base", ft1=llama_family.ft1, ft2=llama_family.ft2)
+
+
+def test_mergekit_hidden_with_shared_expert(run_cli, tmp_path, with_tokenizer):
+    f = with_tokenizer
+    data = _mergekit(f, gate_mode="hidden", architecture="qwen")
+    data["shared_experts"] = [{"source_model": str(f.base), "positive_prompts": ["general"]}]
+    recipe = write_yaml(tmp_path / "moe.yaml", data)
+    code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "out", "-q")
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    settings = json.loads((tmp_path / "out" / "brickwork.json").read_text())["settings"]
+    assert settings["router_init"] == "hidden" and settings["shared_expert_gate"] == "prompts"
+    sd = load_file(tmp_path / "out" / "model.safetensors")
+    gate = sd["model.layers.0.mlp.gate.weight"].float()  # (experts, hidden), unit rows
+    torch.testing.assert_close(gate.norm(dim=-1), torch.ones(2), atol=1e-2, rtol=1e-2)
+    shared_gate = sd["model.layers.0.mlp.shared_expert_gate.weight"].float()
+    torch.testing.assert_close(shared_gate.norm(), torch.tensor(1.0), atol=1e-2, rtol=1e-2)
+
+
+def test_task_and_train_recipes_read_example_files(run_cli, tmp_path, with_tokenizer):
+    f = with_tokenizer
+    (tmp_path / "digits.txt").write_text("0123 4567\n\n8901 2345\n")
+    (tmp_path / "mixed.txt").write_text("0123 abcd\nefgh 4567\n99 zz\n")
+    experts = [
+        {"model": str(f.ft1), "examples_file": "digits.txt"},
+        {"model": str(f.ft2), "examples": ["abcd efgh", "ijkl mnop"]},
+    ]
+    recipe = write_yaml(tmp_path / "task.yaml", _brickwork(f, router_init="task",
+                        router_scale=2.0, experts=experts))  # fmt: skip
+    code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "task", "-q")
+    assert code == 0, err
+    stats = json.loads((tmp_path / "task" / "brickwork.json").read_text())["settings"]
+    assert stats["router_stats"]["task_scale"] == 2.0
+    _runs(tmp_path / "task", n_experts=2, top_k=2)
+    train = {"init": "task", "steps": 3, "texts_file": "mixed.txt", "aux_loss_coef": 0.1}
+    recipe = write_yaml(tmp_path / "train.yaml", _brickwork(f, router_init="train",
+                        router_train=train, experts=experts, device="cpu"))  # fmt: skip
+    code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "train", "-q")
+    assert code == 0, err
+    stats = json.loads((tmp_path / "train" / "brickwork.json").read_text())["settings"]
+    assert stats["router_stats"]["train_texts"] == 3 and stats["router_stats"]["train_steps"] == 3
+    _runs(tmp_path / "train", n_experts=2, top_k=2)

@@ -127,8 +127,8 @@ def test_existing_output_and_bad_options_write_nothing(models, tmp_path):
     bad = [
         ({"top_k": 3}, "top_k must be in"),
         ({"merge_method": "tie"}, "Did you mean 'ties'"),
-        ({"router_init": "task"}, "not implemented"),
-        ({"router_init": "hidden"}, "router_hidden"),
+        ({"router_init": "tsk"}, "not implemented; known: cheap_embed, hidden"),
+        ({"router_init": "hidden"}, "needs text"),
         (
             {"router_init": "hidden", "router_hidden": torch.ones(2, 3, 32)},
             "expected \\[2, 2, 32\\]",

@@ -23,38 +23,16 @@ def upcycle(
     shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 5GB, 500MB")] = "5GB",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing on success")] = False,
 ) -> None:
-    """Build a Mixtral checkpoint at OUT whose experts are the FFNs of the RECIPE's fine-tunes."""
+    """Build a Mixtral (or, for Qwen2 inputs or a shared expert, Qwen2-MoE) checkpoint at OUT
+    whose experts are the FFNs of the RECIPE's fine-tunes; routers: random, hidden,
+    cheap_embed, task or train."""
     import time
 
-    from ..errors import RecipeError
-    from .recipe import load_upcycle_recipe, resolve_model_path
-    from .upcycle import upcycle_to_mixtral
+    from .recipe import upcycle_from_recipe
 
     t0 = time.perf_counter()
-    r = load_upcycle_recipe(recipe)
-    if r.router_init == "hidden":
-        raise RecipeError(
-            f"{recipe}: router_init 'hidden' needs per-expert hidden states (prompts run through "
-            "the base), which `brickwork route upcycle` does not compute yet; use router_init: "
-            "random, or call brickwork.upcycle_to_mixtral(..., router_hidden=...) from Python."
-        )
-    where = recipe.parent
-    path = upcycle_to_mixtral(
-        resolve_model_path(r.base, where, where=f"{recipe}: base"),
-        [
-            resolve_model_path(e.model, where, where=f"{recipe}: experts[{i}]")
-            for i, e in enumerate(r.experts)
-        ],
-        out,
-        top_k=r.top_k,
-        merge_method=r.merge_method,
-        merge_parameters=r.merge_parameters,
-        router_init=r.router_init,
-        router_std=r.router_std,
-        seed=r.seed if seed is None else seed,
-        shard_size=shard_size,
-        dtype=r.dtype,
-        force=force,
+    path = upcycle_from_recipe(
+        recipe, out, seed=seed, shard_size=shard_size, force=force, progress=not quiet
     )
     if not quiet:
         typer.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
