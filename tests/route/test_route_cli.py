@@ -279,3 +279,23 @@ def test_task_and_train_recipes_read_example_files(run_cli, tmp_path, with_token
     stats = json.loads((tmp_path / "train" / "brickwork.json").read_text())["settings"]
     assert stats["router_stats"]["train_texts"] == 3 and stats["router_stats"]["train_steps"] == 3
     _runs(tmp_path / "train", n_experts=2, top_k=2)
+
+
+def test_bert_recipe_writes_brickwork_format(run_cli, tmp_path, bert_family):
+    import brickwork
+
+    f = bert_family
+    recipe = write_yaml(tmp_path / "moe.yaml", _brickwork(f, top_k=1, merge_method="linear"))
+    code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "out", "-q")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "brickwork.json").read_text())
+    assert meta["format"] == "brickwork.moe" and len(meta["moe"]) == 2
+    model = brickwork.load(tmp_path / "out")
+    with torch.no_grad():
+        out = model(torch.arange(6)[None]).last_hidden_state
+    assert out.shape == (1, 6, 32) and bool(torch.isfinite(out).all())
+    recipe = write_yaml(tmp_path / "bad.yaml", _brickwork(f, router_init="train",
+                        router_train={"init": "random", "texts": ["a"]}))  # fmt: skip
+    code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "bad", "-q")
+    assert code == 2 and "router_train: not available for brickwork-format" in err
+    assert str(recipe) in err and leftovers(tmp_path / "bad") == []

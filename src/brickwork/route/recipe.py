@@ -11,8 +11,10 @@ brickwork recipe::
       - model: ./code
         examples: ["def f(x):", "for i in range(3):"]
     shared_expert: {model: ./base}  # optional: every token also passes its FFN -> Qwen2-MoE
-    format: auto                  # auto | mixtral | qwen2_moe (auto: qwen2_moe for Qwen2
-                                  #   inputs or a shared expert, else mixtral)
+    format: auto                  # auto | mixtral | qwen2_moe | brickwork (auto: qwen2_moe
+                                  #   for Qwen2 inputs or a shared expert, mixtral for
+                                  #   Llama / Mistral, brickwork's own MoE format (see
+                                  #   route.upcycle_modules; random / task routers) else)
     top_k: 2                      # experts per token
     merge_method: linear          # optional: merge the non-FFN tensors of the experts
     merge_parameters: {}          # the method's global parameters
@@ -42,6 +44,7 @@ default, ``cheap_embed`` or ``random``) â†’ ``router_init``, one shared expert â
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -108,7 +111,7 @@ class UpcycleRecipe(_Strict):
     base: str
     experts: list[ExpertEntry] = Field(min_length=2)
     shared_expert: SharedExpertEntry | None = None
-    format: Literal["auto", "mixtral", "qwen2_moe"] = "auto"
+    format: Literal["auto", "mixtral", "qwen2_moe", "brickwork"] = "auto"
     top_k: int = Field(default=2, ge=1)
     merge_method: str | None = None
     merge_parameters: dict[str, Any] = Field(default_factory=dict)
@@ -422,20 +425,32 @@ def _run(
     force: bool,
     progress: bool,
 ) -> Path:
-    from .upcycle import upcycle_moe
+    from .upcycle import SUPPORTED, upcycle_moe
 
     data = router_data(r, where, source=source)
+    base = resolve_model_path(r.base, where, where=f"{source}: base")
+    experts = [
+        resolve_model_path(e.model, where, where=f"{source}: experts[{i}]")
+        for i, e in enumerate(r.experts)
+    ]
+    fmt = r.format
+    if fmt == "auto" and (base / "config.json").is_file():
+        try:
+            model_type = json.loads((base / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # upcycle_moe reports the unreadable config
+        if model_type is not None and model_type not in SUPPORTED:
+            fmt = "brickwork"
+    if fmt == "brickwork":
+        return _run_modules(r, base, experts, out, data, seed, force)
     return upcycle_moe(
-        resolve_model_path(r.base, where, where=f"{source}: base"),
-        [
-            resolve_model_path(e.model, where, where=f"{source}: experts[{i}]")
-            for i, e in enumerate(r.experts)
-        ],
+        base,
+        experts,
         out,
         shared_expert=None
         if r.shared_expert is None
         else resolve_model_path(r.shared_expert.model, where, where=f"{source}: shared_expert"),
-        format=r.format,
+        format=fmt,
         top_k=r.top_k,
         merge_method=r.merge_method,
         merge_parameters=r.merge_parameters,
@@ -447,4 +462,50 @@ def _run(
         dtype=r.dtype,
         force=force,
         progress=progress,
+    )
+
+
+def _run_modules(
+    r: UpcycleRecipe,
+    base: Path,
+    experts: list[Path],
+    out: str | Path,
+    data: RouterData | None,
+    seed: int | None,
+    force: bool,
+) -> Path:
+    """Non-decoder bases (BERT, ...): brickwork's own MoE format, module level."""
+    from .upcycle_modules import upcycle_hf_models
+
+    unsupported = {
+        "shared_expert": r.shared_expert is not None,
+        "dtype": r.dtype is not None,
+        "router_train": r.router_train is not None,
+    }
+    for key, given in unsupported.items():
+        if given:
+            raise RecipeError(
+                f"{key}: not available for brickwork-format upcycling (bases other than "
+                "Llama / Mistral / Qwen2); remove it."
+            )
+    if r.router_init not in ("random", "task"):
+        raise RecipeError(
+            f"router_init: '{r.router_init}' is not available for brickwork-format upcycling "
+            "(bases other than Llama / Mistral / Qwen2); use random or task."
+        )
+    return upcycle_hf_models(
+        base,
+        experts,
+        out,
+        examples=data.examples if data is not None else None,
+        tokenizer=data.tokenizer if data is not None else r.tokenizer,
+        max_length=r.max_length,
+        force=force,
+        top_k=r.top_k,
+        merge_method=r.merge_method,
+        merge_parameters=r.merge_parameters or None,
+        router_init=r.router_init,
+        router_std=r.router_std if r.router_std is not None else 0.02,
+        router_scale=r.router_scale or 1.0,
+        seed=r.seed if seed is None else seed,
     )
