@@ -36,3 +36,29 @@ def upcycle(
     )
     if not quiet:
         typer.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
+
+
+@route_app.command()
+def moefy(
+    recipe: Annotated[Path, typer.Argument(help="moefy YAML recipe (model, n_experts, ...)")],
+    out: Annotated[Path, typer.Argument(help="output directory (brickwork MoE format, atomic)")],
+    force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed (overrides the recipe's)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing on success")] = False,
+) -> None:
+    """Split every FFN of a model into experts and train routers (MoEfication); load OUT with
+    brickwork.load(OUT)."""
+    import time
+
+    from .moefy_recipe import run_moefy
+
+    t0 = time.perf_counter()
+    path, report = run_moefy(recipe, out, force=force, seed=seed, progress=not quiet)
+    if not quiet:
+        m = report["mean"]
+        typer.echo(
+            f"wrote {path} in {time.perf_counter() - t0:.1f}s; mean over "
+            f"{len(report['layers'])} FFNs: router recall {m['router_recall']:.3f}, kept "
+            f"activation mass {m['kept_mass']:.3f} (oracle {m['oracle_kept_mass']:.3f}), "
+            f"output rel. error {m['output_rel_error']:.3f}"
+        )
