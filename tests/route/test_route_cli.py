@@ -238,9 +238,10 @@ def with_tokenizer(llama_family, tmp_path_factory):
     return SimpleNamespace(base=root / "base", ft1=llama_family.ft1, ft2=llama_family.ft2)
 
 
-def test_mergekit_hidden_with_shared_expert(run_cli, tmp_path, with_tokenizer):
+@pytest.mark.parametrize("gate_mode", ["hidden", "cheap_embed"])
+def test_mergekit_prompt_gates_with_shared_expert(run_cli, tmp_path, with_tokenizer, gate_mode):
     f = with_tokenizer
-    data = _mergekit(f, gate_mode="hidden", architecture="qwen")
+    data = _mergekit(f, gate_mode=gate_mode, architecture="qwen")
     data["shared_experts"] = [{"source_model": str(f.base), "positive_prompts": ["general"]}]
     recipe = write_yaml(tmp_path / "moe.yaml", data)
     code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "out", "-q")
@@ -248,7 +249,7 @@ def test_mergekit_hidden_with_shared_expert(run_cli, tmp_path, with_tokenizer):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     settings = json.loads((tmp_path / "out" / "brickwork.json").read_text())["settings"]
-    assert settings["router_init"] == "hidden" and settings["shared_expert_gate"] == "prompts"
+    assert settings["router_init"] == gate_mode and settings["shared_expert_gate"] == "prompts"
     sd = load_file(tmp_path / "out" / "model.safetensors")
     gate = sd["model.layers.0.mlp.gate.weight"].float()  # (experts, hidden), unit rows
     torch.testing.assert_close(gate.norm(dim=-1), torch.ones(2), atol=1e-2, rtol=1e-2)
@@ -299,3 +300,14 @@ def test_bert_recipe_writes_brickwork_format(run_cli, tmp_path, bert_family):
     code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "bad", "-q")
     assert code == 2 and "router_train: not available for brickwork-format" in err
     assert str(recipe) in err and leftovers(tmp_path / "bad") == []
+
+
+def test_mergekit_hidden_writes_mixtral_with_unit_router_rows(run_cli, tmp_path, with_tokenizer):
+    recipe = write_yaml(tmp_path / "moe.yaml", _mergekit(with_tokenizer, gate_mode="hidden"))
+    code, _, err = run_cli("route", "upcycle", recipe, tmp_path / "out", "-q")
+    assert code == 0, err
+    _runs(tmp_path / "out", n_experts=2, top_k=2)
+    sd = load_file(tmp_path / "out" / "model.safetensors")
+    gate = sd["model.layers.1.block_sparse_moe.gate.weight"].float()  # bf16 (experts, hidden)
+    torch.testing.assert_close(gate.norm(dim=-1), torch.ones(2), atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(gate[0], gate[1])  # "math" and "code" prompts differ

@@ -23,6 +23,9 @@ sees. Hidden states are read from the **base** model with forward pre-hooks on e
   wrappers), freeze everything but the routers, and minimise
   ``LM loss + aux_loss_coef * load_balancing_loss`` on mixed unlabelled texts with Adam.
   The shared-expert gate is kept frozen.
+
+The base model is held in float32 (4 bytes a parameter; ``device`` picks CPU or GPU, default
+CUDA when available); ``train`` also holds every expert, so it needs the whole MoE in float32.
 """
 
 from __future__ import annotations
