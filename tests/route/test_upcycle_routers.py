@@ -171,7 +171,8 @@ def _objective(out, tok, texts, coef: float) -> float:
         for t in texts:
             ids = tok(t, return_tensors="pt")["input_ids"]
             o = moe(ids, labels=ids, output_router_logits=True)
-            total += float(o.loss) + coef * float(load_balancing_loss(o.router_logits, k))
+            lm = o.loss - moe.config.router_aux_loss_coef * o.aux_loss  # transformers adds it
+            total += float(lm) + coef * float(load_balancing_loss(o.router_logits, k))
     return total / len(texts)
 
 
@@ -197,6 +198,26 @@ def test_train_lowers_its_objective_and_changes_only_routers(fam, tmp_path, shar
     assert stats["train_objective_after"] < stats["train_objective_before"]
     # the same objective, recomputed by transformers on the two checkpoints
     assert _objective(trained, tok, mixed, 0.1) < _objective(start, tok, mixed, 0.1)
+    # the in-memory MoE that was trained is the exported one: its objective before training,
+    # on the training batches (shuffled by the seed, 4 a batch, right-padded), is the
+    # transformers model's on the task-initialised checkpoint
+    ids = [tok(t)["input_ids"] for domain in texts for t in domain]
+    random.Random(1).shuffle(ids)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(start).eval()
+    total = []
+    with torch.no_grad():
+        for s in range(0, len(ids), 4):
+            batch = ids[s : s + 4]
+            n = max(map(len, batch))
+            x = torch.tensor([b + [0] * (n - len(b)) for b in batch])
+            mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
+            o = moe(x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100),
+                    output_router_logits=True)  # fmt: skip
+            keep = mask.reshape(-1).bool()
+            lb = load_balancing_loss([r[keep] for r in o.router_logits], 2)
+            lm = o.loss - moe.config.router_aux_loss_coef * o.aux_loss
+            total.append(float(lm) + 0.1 * float(lb))
+    assert stats["train_objective_before"] == pytest.approx(sum(total) / len(total), rel=1e-4)
 
 
 def test_missing_text_or_tokenizer_is_a_clear_error_and_writes_nothing(fam, tmp_path):
