@@ -9,7 +9,14 @@ from torch import nn
 from brickwork.errors import BrickworkError, CheckpointError, RecipeError
 from brickwork.route.cluster import balanced_assign, balanced_kmeans
 from brickwork.route.moe import MoEBlock, MoELayer
-from brickwork.route.moefy import FFNSpec, find_ffns, moefy, split_neurons
+from brickwork.route.moefy import (
+    FFNSpec,
+    expert_mass,
+    ffn_weights,
+    find_ffns,
+    moefy,
+    split_neurons,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,13 +30,17 @@ def _bert():
     return transformers.BertModel(cfg).eval()
 
 
-def _llama():
+def _decoder(kind: str = "Llama"):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    cfg = getattr(transformers, f"{kind}Config")(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return getattr(transformers, f"{kind}ForCausalLM")(cfg).eval()
+
+
+def _llama():
+    return _decoder("Llama")
 
 
 class Block(nn.Module):
@@ -81,6 +92,8 @@ _BLOCK_SPEC = FFNSpec("block.fc1", "block.fc1", "block.fc2", "gelu_tanh", identi
 CASES = {
     "bert": (_bert, lambda: _ids(), None),
     "llama": (_llama, lambda: _ids(), None),
+    "mistral": (lambda: _decoder("Mistral"), lambda: _ids(), None),
+    "qwen2": (lambda: _decoder("Qwen2"), lambda: _ids(), None),
     "generic": (
         lambda: Net().eval(),
         lambda: torch.randn(64, 8, generator=torch.Generator().manual_seed(0)),
@@ -145,11 +158,9 @@ def test_balanced_kmeans_gives_equal_clusters_covering_every_point_once(n, k):
 
 
 def test_split_neurons_partitions_every_neuron_exactly_once():
-    from brickwork.route.moefy import _weights
-
     model = _llama()
     spec = find_ffns(model)[0]
-    parts = split_neurons(_weights(model, spec), 8, clustering="kmeans", seed=0)
+    parts = split_neurons(ffn_weights(model, spec), 8, clustering="kmeans", seed=0)
     assert parts.shape == (8, 8)
     assert torch.equal(parts.flatten().sort().values, torch.arange(64))
 
@@ -186,9 +197,7 @@ def test_trained_router_keeps_more_activation_mass_than_a_random_router(router):
     (rep,) = r.report
     assert rep.tokens == 600  # the 20 % held out
     # a random router of the same shape, measured with the same yardstick
-    from brickwork.route.moefy import _weights, expert_mass
-
-    w = _weights(model, r.specs[0])
+    w = ffn_weights(model, r.specs[0])
     xs = x[:600]
     idx = r.partitions[0]  # (8, 8): the dense neurons of each expert
     mass = expert_mass(w, xs, idx)

@@ -212,7 +212,9 @@ class _Weights:
         return y + self.b_out if self.b_out is not None else y
 
 
-def _weights(model: nn.Module, spec: FFNSpec) -> _Weights:
+def _linears(model: nn.Module, spec: FFNSpec) -> tuple[nn.Linear, nn.Linear | None, nn.Linear]:
+    """(up, gate, down) of ``spec``, checked to form one FFN of a supported kind."""
+
     def linear(p: str) -> nn.Linear:
         m = get_module(model, p)
         if not isinstance(m, nn.Linear):
@@ -236,7 +238,13 @@ def _weights(model: nn.Module, spec: FFNSpec) -> _Weights:
             f"moefy: {spec.replace}: up {tuple(up.weight.shape)} and down "
             f"{tuple(down.weight.shape)} do not form a d_model -> d_ff -> d_model FFN."
         )
-    f32 = lambda t: t.detach().float()  # noqa: E731
+    return up, gate, down
+
+
+def ffn_weights(model: nn.Module, spec: FFNSpec) -> _Weights:
+    """One FFN's weights as float32 CPU tensors (a copy; the model is not touched)."""
+    up, gate, down = _linears(model, spec)
+    f32 = lambda t: t.detach().float().cpu()  # noqa: E731
     return _Weights(
         up=f32(up.weight),
         b_in=f32(up.bias) if up.bias is not None else torch.zeros(up.out_features),
@@ -465,10 +473,9 @@ def moefy(
     if not 0 <= holdout < 1:
         raise RecipeError(f"moefy: holdout must be in [0, 1), got {holdout}.")
     specs = find_ffns(model, ffns)
-    weights = [_weights(model, s) for s in specs]
-    for s, w in zip(specs, weights):
-        if w.up.shape[0] % n_experts:
-            d_ff = w.up.shape[0]
+    for s in specs:
+        d_ff = _linears(model, s)[0].out_features
+        if d_ff % n_experts:
             divisors = ", ".join(str(d) for d in range(1, d_ff + 1) if d_ff % d == 0)
             raise RecipeError(
                 f"moefy: {s.replace}: d_ff={d_ff} is not divisible by n_experts={n_experts}; "
@@ -485,7 +492,8 @@ def moefy(
     new = copy.deepcopy(model)
     report, partitions = [], []
     try:
-        for i, (s, w) in enumerate(zip(specs, weights)):
+        for i, s in enumerate(specs):
+            w = ffn_weights(model, s)  # one FFN at a time: float32 copies of every FFN may not fit
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             x = inputs.pop(s.replace)
             x = x[torch.randperm(x.shape[0], generator=g)[:max_tokens]]  # (n, d_model)
