@@ -260,3 +260,28 @@ def test_bad_arguments_raise_clear_errors():
         moefy(model, n_experts=4, top_k=2, calibration=_ids(), ffns=["model.layers.0.self_attn"])
     with pytest.raises(RecipeError, match="calibration is empty"):
         moefy(model, n_experts=4, top_k=2, calibration=[])
+
+
+def test_moefied_relu_ffn_follows_the_papers_formula():
+    # MoEfication: F(x) = sum over the chosen experts e in S(x) of
+    #   W2[:, P_e] relu(W1[P_e] x + b1[P_e]), plus b2 once; S(x) = the router's top-k.
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)).eval()
+    x = torch.randn(40, 6)
+    r = moefy(dense, n_experts=3, top_k=2, calibration=x, steps=20)
+    (w1, b1), (w2, b2) = (dense[0].weight, dense[0].bias), (dense[2].weight, dense[2].bias)
+    parts, router = r.partitions[0], r.model.moe.router
+    with torch.no_grad():
+        chosen = router(x).topk(2, dim=-1).indices  # (40, 2)
+        expected = torch.stack(
+            [
+                b2
+                + sum(
+                    w2[:, parts[e]] @ torch.relu(w1[parts[e]] @ x[t] + b1[parts[e]])
+                    for e in chosen[t]
+                )
+                for t in range(40)
+            ]
+        )
+        torch.testing.assert_close(r.model(x), expected)
+        assert not torch.allclose(expected, dense(x), atol=1e-3)  # a real approximation
