@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 route_app = typer.Typer(
-    help="Mixture of experts: upcycle dense fine-tunes into one MoE checkpoint.",
+    help="Mixture of experts: upcycle dense fine-tunes into one MoE, or MoEfy one model's FFNs.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
