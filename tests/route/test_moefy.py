@@ -285,3 +285,11 @@ def test_moefied_relu_ffn_follows_the_papers_formula():
         )
         torch.testing.assert_close(r.model(x), expected)
         assert not torch.allclose(expected, dense(x), atol=1e-3)  # a real approximation
+
+
+def test_bfloat16_model_stays_bfloat16_and_close_to_dense():
+    model = _llama().to(torch.bfloat16)
+    r = moefy(model, n_experts=4, top_k=4, calibration=_ids(), steps=5)  # the check passes
+    assert {p.dtype for p in r.model.parameters()} == {torch.bfloat16}
+    ref, got = _out(model, _ids(3)).float(), _out(r.model, _ids(3)).float()
+    assert float((got - ref).abs().max() / ref.abs().max()) < 3e-2

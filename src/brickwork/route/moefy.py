@@ -534,14 +534,16 @@ def _check_equivalence(model: nn.Module, new: nn.Module, batch: Any, specs: list
         new.eval()
         for b in blocks:
             b.top_k = b.n_experts
-        ref = _first_tensor(_call(model, batch)).float()
-        got = _first_tensor(_call(new, batch)).float()
+        ref = _first_tensor(_call(model, batch))
+        got = _first_tensor(_call(new, batch))
     finally:
         for b, k in zip(blocks, ks):
             b.top_k = k
         for m, t in flags.items():
             m.training = t
-    tol = 1e-4 if ref.dtype == torch.float32 and got.dtype == torch.float32 else 2e-2
+    exact = ref.dtype in (torch.float32, torch.float64) and got.dtype == ref.dtype
+    tol = 1e-4 if exact else 3e-2  # half precision: summing experts rounds differently
+    ref, got = ref.float(), got.float()
     err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if got.shape != ref.shape or err > tol:
         raise BrickworkError(
