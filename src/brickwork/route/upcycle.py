@@ -43,6 +43,7 @@ from ..checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import CheckpointError, IncompatibleModelsError, OutputExistsError, RecipeError
 from ..merge.api import check_output_is_not_input
+from .hf_moe import MoELayout, mixtral_config, qwen2_moe_config
 
 if TYPE_CHECKING:
     from .routers import RouterData
@@ -56,34 +57,6 @@ _FFN = re.compile(
 )
 _QKV = re.compile(r"^(?P<stem>.*\.self_attn\.[qkv]_proj)\.weight$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_MIXTRAL_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
-# Config fields that a Llama / Mistral / Qwen2 config.json may carry with the same meaning.
-_CONFIG_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
-    "sliding_window",
-    "attention_dropout",
-    "rope_parameters",
-    "rope_theta",
-    "rope_scaling",
-    "dtype",
-    "torch_dtype",
-    "transformers_version",
-)
 
 
 @dataclass(frozen=True)
@@ -193,87 +166,6 @@ def _check_output(out: Path, ckpts: Mapping[str, Checkpoint], force: bool) -> No
         )
 
 
-def mixtral_config(config: Mapping[str, Any], n_experts: int, top_k: int) -> dict[str, Any]:
-    """A Mixtral config.json from a Llama / Mistral one (same attention, norms, rope)."""
-    cfg = {k: config[k] for k in _CONFIG_KEYS if k in config}
-    if "rope_parameters" not in cfg and "rope_theta" not in cfg:
-        cfg["rope_theta"] = 10000.0  # Llama's default; Mixtral's would be 1e6
-    cfg.update(
-        architectures=["MixtralForCausalLM"],
-        model_type="mixtral",
-        num_local_experts=n_experts,
-        num_experts_per_tok=top_k,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        router_jitter_noise=0.0,
-    )
-    return cfg
-
-
-def qwen2_moe_config(
-    config: Mapping[str, Any], n_experts: int, top_k: int, shared_d_ff: int
-) -> dict[str, Any]:
-    """A Qwen2-MoE config.json from a Llama / Mistral / Qwen2 one.
-
-    Sliding windows keep their layers: Qwen2's ``layer_types`` are copied, Mistral's
-    ``sliding_window`` (every layer) becomes ``layer_types: [sliding_attention, ...]``.
-    """
-    cfg = {k: config[k] for k in _CONFIG_KEYS if k in config}
-    if "rope_parameters" not in cfg and "rope_theta" not in cfg:
-        cfg["rope_theta"] = 10000.0
-    n_layers = int(config["num_hidden_layers"])
-    if config.get("model_type") == "qwen2":
-        for k in ("use_sliding_window", "max_window_layers", "layer_types"):
-            if k in config:
-                cfg[k] = config[k]
-        if not config.get("use_sliding_window"):
-            cfg["sliding_window"] = None
-    elif config.get("sliding_window") is not None:  # Mistral: every layer slides
-        cfg.update(use_sliding_window=True, max_window_layers=n_layers)
-        cfg["layer_types"] = ["sliding_attention"] * n_layers
-    else:
-        cfg.update(use_sliding_window=False, sliding_window=None)
-    if not cfg.get("use_sliding_window"):
-        cfg["layer_types"] = ["full_attention"] * n_layers
-    cfg.update(
-        architectures=["Qwen2MoeForCausalLM"],
-        model_type="qwen2_moe",
-        num_experts=n_experts,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=int(config["intermediate_size"]),
-        shared_expert_intermediate_size=shared_d_ff,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        norm_topk_prob=True,
-        qkv_bias=True,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-    )
-    return cfg
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where one output format puts the MoE parts of a layer (``prefix`` = ``...layers.N.``)."""
-
-    fmt: Literal["mixtral", "qwen2_moe"]
-
-    def router(self, prefix: str) -> str:
-        moe = "block_sparse_moe" if self.fmt == "mixtral" else "mlp"
-        return f"{prefix}{moe}.gate.weight"
-
-    def expert(self, prefix: str, e: int, proj: str) -> str:
-        if self.fmt == "mixtral":
-            return f"{prefix}block_sparse_moe.experts.{e}.{_MIXTRAL_PROJ[proj]}.weight"
-        return f"{prefix}mlp.experts.{e}.{proj}_proj.weight"
-
-    def shared(self, prefix: str, proj: str) -> str:
-        return f"{prefix}mlp.shared_expert.{proj}_proj.weight"
-
-    def shared_gate(self, prefix: str) -> str:
-        return f"{prefix}mlp.shared_expert_gate.weight"
-
-
 @dataclass
 class _Sources:
     """Where every output tensor comes from (tensors in the inputs' dense naming)."""
@@ -318,7 +210,7 @@ class _Sources:
 
 def _plan(
     src: _Sources,
-    layout: _Layout,
+    layout: MoELayout,
     router: Callable[[int, TensorInfo], torch.Tensor],
     shared_gate: Callable[[int, TensorInfo], torch.Tensor],
 ) -> list[_Job]:
@@ -471,7 +363,7 @@ def upcycle_moe(
     src = _Sources(
         ckpts, expert_keys, merge_method, merge_parameters, seed, 1.0 if mergekit_gate else 2.0
     )
-    layout = _Layout(fmt)
+    layout = MoELayout(fmt)
     base_dir = ckpts["base"].model_dir
     stats: dict[str, Any] = {}
 
