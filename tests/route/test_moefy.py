@@ -21,11 +21,11 @@ from brickwork.route.moefy import (
 transformers = pytest.importorskip("transformers")
 
 
-def _bert():
+def _bert(hidden_act: str = "gelu"):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64,
+        num_attention_heads=4, max_position_embeddings=64, hidden_act=hidden_act,
     )  # fmt: skip
     return transformers.BertModel(cfg).eval()
 
@@ -293,3 +293,33 @@ def test_bfloat16_model_stays_bfloat16_and_close_to_dense():
     assert {p.dtype for p in r.model.parameters()} == {torch.bfloat16}
     ref, got = _out(model, _ids(3)).float(), _out(r.model, _ids(3)).float()
     assert float((got - ref).abs().max() / ref.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize(
+    ("hidden_act", "activation"),
+    [
+        ("gelu_new", "gelu_tanh"),
+        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("relu", "relu"),
+        ("silu", "silu"),
+    ],
+)
+def test_bert_activations_are_recognised_and_reproduced(hidden_act, activation):
+    model = _bert(hidden_act)
+    assert {s.activation for s in find_ffns(model)} == {activation}
+    r = moefy(model, n_experts=2, top_k=2, calibration=_ids(), steps=2)
+    torch.testing.assert_close(_out(r.model, _ids(4)), _out(model, _ids(4)), atol=2e-5, rtol=1e-5)
+
+
+def test_an_unsupported_activation_is_named_not_skipped():
+    model = _bert("quick_gelu")
+    with pytest.raises(RecipeError) as e:
+        find_ffns(model)
+    for layer in (0, 1):
+        assert f"'encoder.layer.{layer}': BERT-style FFN with activation QuickGELU" in str(e.value)
+    assert "ffns=[...] to leave these out" in str(e.value)
+    with pytest.raises(RecipeError, match="supported: gelu, gelu_tanh"):
+        moefy(model, n_experts=2, top_k=1, calibration=_ids(), ffns=["encoder.layer.1"])
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+    with pytest.raises(RecipeError, match=r"'': Linear -> Tanh -> Linear"):
+        find_ffns(net)

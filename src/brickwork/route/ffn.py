@@ -68,42 +68,57 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _classify(model: nn.Module, path: str) -> FFNSpec | None:
-    m = get_module(model, path)
+_SUPPORTED = "gelu, gelu_tanh (gelu_new, gelu_pytorch_tanh), relu, silu; swiglu for gated MLPs"
+
+
+def _classify(m: nn.Module, path: str) -> FFNSpec | str | None:
+    """``m`` (at ``path``) as an FFN; a string says why an FFN-shaped module is not supported."""
     inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
     if isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(
         getattr(out, "dense", None), nn.Linear
     ):
-        act = activation_name(getattr(inter, "intermediate_act_fn", None))
-        if act is not None:
-            dense = _join(path, "output.dense")
-            return FFNSpec(_join(path, "intermediate"), _join(path, "intermediate.dense"),
-                           dense, act, identity=(dense,))  # fmt: skip
+        fn = getattr(inter, "intermediate_act_fn", None)
+        act = activation_name(fn)
+        if act is None:
+            return f"'{path}': BERT-style FFN with activation {type(fn).__name__}"
+        dense = _join(path, "output.dense")
+        return FFNSpec(_join(path, "intermediate"), _join(path, "intermediate.dense"),
+                       dense, act, identity=(dense,))  # fmt: skip
     glu = ("gate_proj", "up_proj", "down_proj")
-    if (
-        all(isinstance(getattr(m, n, None), nn.Linear) for n in glu)
-        and activation_name(getattr(m, "act_fn", None)) == "silu"
-    ):
+    if all(isinstance(getattr(m, n, None), nn.Linear) for n in glu):
+        fn = getattr(m, "act_fn", None)
+        if activation_name(fn) != "silu":
+            return f"'{path}': gated MLP with activation {type(fn).__name__} (not SwiGLU)"
         p = {n: _join(path, n) for n in glu}
         return FFNSpec(path, p["up_proj"], p["down_proj"], "swiglu", gate=p["gate_proj"])
     kids = [(n, c) for n, c in m.named_children() if not isinstance(c, nn.Dropout | nn.Identity)]
     if len(kids) == 3 and isinstance(kids[0][1], nn.Linear) and isinstance(kids[2][1], nn.Linear):
         act = activation_name(kids[1][1])
         up, down = kids[0][1], kids[2][1]
-        if act is not None and up.out_features == down.in_features:
+        if up.out_features == down.in_features and up.in_features == down.out_features:
+            if act is None:
+                return f"'{path}': Linear -> {type(kids[1][1]).__name__} -> Linear"
             return FFNSpec(path, _join(path, kids[0][0]), _join(path, kids[2][0]), act)
     return None
 
 
 def find_ffns(model: nn.Module, paths: Sequence[str | FFNSpec] | None = None) -> list[FFNSpec]:
-    """The FFNs of ``model``: every recognised one (``paths=None``), or the named ones."""
+    """The FFNs of ``model``: every recognised one (``paths=None``), or the named ones.
+
+    An FFN-shaped module whose activation MoELayer does not compute is an error that names
+    it (it is never skipped silently); leave it out by naming the FFNs to take in ``paths``.
+    """
     if paths is not None:
         specs = []
         for p in paths:
             if isinstance(p, FFNSpec):
                 specs.append(p)
                 continue
-            spec = _classify(model, p)
+            spec = _classify(get_module(model, p), p)
+            if isinstance(spec, str):
+                raise RecipeError(
+                    f"moefy: {spec}, which MoELayer does not compute; supported: {_SUPPORTED}."
+                )
             if spec is None:
                 kids = ", ".join(type(c).__name__ for c in get_module(model, p).children())
                 raise RecipeError(
@@ -114,14 +129,22 @@ def find_ffns(model: nn.Module, paths: Sequence[str | FFNSpec] | None = None) ->
                 )
             specs.append(spec)
         return specs
-    specs, taken = [], []
-    for name, _ in model.named_modules():
-        if any(name == t or name.startswith(t + ".") for t in taken if t) or "" in taken:
+    specs, unsupported, taken = [], [], []
+    for name, m in model.named_modules():
+        if "" in taken or any(name == t or name.startswith(t + ".") for t in taken):
             continue
-        spec = _classify(model, name)
+        spec = _classify(m, name)
         if spec is not None:
-            specs.append(spec)
+            (unsupported if isinstance(spec, str) else specs).append(spec)
             taken.append(name)
+    if unsupported:
+        shown = "; ".join(unsupported[:3]) + (
+            f"; ... ({len(unsupported)} in all)" if len(unsupported) > 3 else ""
+        )
+        raise RecipeError(
+            f"moefy: {shown}: MoELayer does not compute that activation (supported: "
+            f"{_SUPPORTED}). Name the FFNs to MoEfy with ffns=[...] to leave these out."
+        )
     if not specs:
         raise RecipeError(
             f"moefy: found no FFN in {type(model).__name__}; recognised are BERT-style layers, "
