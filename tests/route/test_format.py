@@ -54,7 +54,12 @@ def test_bert_round_trip_gives_identical_outputs(bert_moe, tmp_path):
     ]
     assert meta["identity"] == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
     assert meta["moe"][0]["layer"]["combine"] == "sum" and meta["moe"][0]["layer"]["top_k"] == 2
-    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    assert (out / "base_config.json").is_file() and (out / "README.md").is_file()
+    # no config.json: transformers refuses the directory rather than loading a dense BERT
+    # whose FFN weights would be missing (and silently random)
+    assert not (out / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):
+        transformers.AutoModel.from_pretrained(out)
     back = brickwork.load(out)
     assert type(back) is type(moe) and not back.training
     assert isinstance(back.bert.encoder.layer[1].intermediate, MoEBlock)
@@ -85,7 +90,7 @@ def test_generic_module_needs_its_skeleton_which_is_not_changed(tmp_path):
     x = torch.randn(20, 6)
     moe = moefy(dense, n_experts=4, top_k=2, calibration=x, steps=20).model
     out = save_moe(moe, tmp_path / "m")
-    assert not (out / "config.json").exists()
+    assert not (out / "base_config.json").exists()
     with pytest.raises(
         CheckpointError, match=r"pass the dense model: brickwork.load\(path, base=module\)"
     ):

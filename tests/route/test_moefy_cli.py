@@ -54,7 +54,7 @@ def test_moefy_writes_a_loadable_moe_with_provenance(run_cli, tmp_path, bert_dir
     assert meta["kind"] == "route.moefy" and meta["settings"]["seed"] == 3
     assert meta["inputs"]["calibration"]["lines"] == 24
     assert len(meta["report"]["layers"]) == 2
-    assert (out / "vocab.txt").is_file() and (out / "config.json").is_file()
+    assert (out / "vocab.txt").is_file() and (out / "base_config.json").is_file()
     assert "kept activation mass" in (out / "README.md").read_text()
     model = brickwork.load(out)
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]

@@ -7,14 +7,17 @@ PyTorch module) is written here, as a directory::
     out/
       model.safetensors      every tensor of ``model.state_dict()`` (sharded + index if large)
       brickwork.json         format version, the dense base, the replaced modules, provenance
-      config.json            the dense base's transformers config (transformers bases only)
+      base_config.json       the dense base's transformers config (transformers bases only;
+                             not ``config.json``, so that transformers' ``from_pretrained``
+                             refuses the directory instead of loading the dense model with
+                             its FFN weights missing and random)
       README.md              a short model card
       tokenizer files        copied from ``copy_from`` if given
 
 ``brickwork.json`` (no pickle anywhere)::
 
     {"format": "brickwork.moe", "format_version": 1,
-     "base": {"kind": "transformers", "class": "BertModel", "config": "config.json"}
+     "base": {"kind": "transformers", "class": "BertModel", "config": "base_config.json"}
           or {"kind": "module", "class": "mypkg.MyNet"},      # informational only
      "moe": [{"path": "encoder.layer.0.intermediate", "layer": {MoELayer kwargs}}, ...],
      "identity": ["encoder.layer.0.output.dense", ...],
@@ -28,7 +31,7 @@ finish the FFN after it become ``nn.Identity``. For an HF BERT layer that is
 for a Llama-style ``mlp`` or an ``nn.Sequential(Linear, act, Linear)`` the module itself
 becomes the ``MoEBlock`` and nothing becomes ``nn.Identity``.
 
-``load`` rebuilds the dense skeleton (a transformers class from ``config.json``, never
+``load`` rebuilds the dense skeleton (a transformers class from ``base_config.json``, never
 downloading; or the ``base`` module the caller passes, deep-copied), replaces the same
 modules and loads every tensor strictly. Example::
 
@@ -68,6 +71,7 @@ from .moe import MoEBlock, MoELayer
 FORMAT = "brickwork.moe"
 FORMAT_VERSION = 1
 META = "brickwork.json"
+BASE_CONFIG = "base_config.json"
 
 
 # -- module surgery ------------------------------------------------------------------------
@@ -103,7 +107,7 @@ def _base_description(model: nn.Module, base_config: Any) -> tuple[dict[str, Any
         cls = f"{type(model).__module__}.{type(model).__qualname__}"
         return {"kind": "module", "class": cls}, None
     text = cfg.to_json_string() if hasattr(cfg, "to_json_string") else json.dumps(dict(cfg))
-    return {"kind": "transformers", "class": type(model).__name__, "config": "config.json"}, text
+    return {"kind": "transformers", "class": type(model).__name__, "config": BASE_CONFIG}, text
 
 
 def _overlaps(out: Path, inputs: Iterable[str | os.PathLike]) -> None:
@@ -165,9 +169,7 @@ def save_moe(
         for k, v in sd.items():
             w.write(k, v)
         if config_text is not None:
-            w.add_text(
-                "config.json", config_text if config_text.endswith("\n") else config_text + "\n"
-            )
+            w.add_text(BASE_CONFIG, config_text.rstrip("\n") + "\n")
         w.add_text(META, json.dumps(meta, indent=2) + "\n")
         w.add_text("README.md", model_card or _card(meta))
         if copy_from is not None:
@@ -266,10 +268,15 @@ def _skeleton(path: Path, meta: Mapping[str, Any], base: nn.Module | None) -> nn
             f"{path / META}: base class '{name}' is not a transformers model class in "
             f"transformers {transformers.__version__}; expected e.g. BertModel."
         )
-    cfg_file = path / str(b.get("config", "config.json"))
+    cfg_file = path / str(b.get("config", BASE_CONFIG))
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing; the transformers base needs its config.")
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    try:
+        config = cls.config_class.from_json_file(str(cfg_file))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{cfg_file}: not a readable {cls.config_class.__name__} ({e})."
+        ) from None
     return cls(config).eval()
 
 
@@ -296,7 +303,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load(path: str | os.PathLike, *, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save_moe` (or ``brickwork route moefy``), in eval mode.
 
-    transformers bases are rebuilt from the directory's ``config.json`` (nothing is
+    transformers bases are rebuilt from the directory's ``base_config.json`` (nothing is
     downloaded); a generic module needs ``base``, the dense skeleton (deep-copied, not
     changed). Every tensor is loaded strictly: a missing, unexpected or misshapen tensor is
     a :class:`~brickwork.errors.CheckpointError` naming it.
