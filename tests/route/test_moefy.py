@@ -323,3 +323,20 @@ def test_an_unsupported_activation_is_named_not_skipped():
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
     with pytest.raises(RecipeError, match=r"'': Linear -> Tanh -> Linear"):
         find_ffns(net)
+
+
+def test_collect_inputs_drops_padding_and_keeps_a_bounded_sample():
+    from brickwork.route.moefy import collect_inputs
+
+    model, path = _bert(), "encoder.layer.0.intermediate"
+    ids = _ids(shape=(4, 12))
+    mask = torch.ones_like(ids)
+    mask[:2, 7:] = 0  # two padded rows: 2 * 5 padding positions
+    batch = {"input_ids": ids, "attention_mask": mask}
+    (full,) = collect_inputs(model, [path], [batch]).values()
+    assert full.shape == (48 - 10, 32)
+    (capped,) = collect_inputs(model, [path], [batch, batch], max_tokens=25, seed=1).values()
+    assert capped.shape == (25, 32)
+    assert bool((capped[:, None] == full[None]).all(-1).any(1).all())  # real tokens only
+    (again,) = collect_inputs(model, [path], [batch, batch], max_tokens=25, seed=1).values()
+    assert torch.equal(again, capped)

@@ -100,14 +100,24 @@ def _batches(calibration: Any) -> list[Any]:
 
 @torch.no_grad()
 def collect_inputs(
-    model: nn.Module, paths: Sequence[str], batches: Iterable[Any]
+    model: nn.Module,
+    paths: Sequence[str],
+    batches: Iterable[Any],
+    *,
+    max_tokens: int | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Run ``batches`` through ``model`` and return each module's input tokens (n, d), float32.
 
-    Padding positions (``attention_mask == 0`` in a dict batch) are dropped. The model's
-    train/eval flags are restored afterwards.
+    Padding positions (``attention_mask == 0`` in a dict batch) are dropped. With
+    ``max_tokens``, each module keeps a uniform random sample of at most that many tokens
+    (every token gets a seeded random key; the largest keys are kept), so memory stays
+    bounded however much calibration data there is. The model's train/eval flags are
+    restored afterwards.
     """
     got: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    keys: dict[str, torch.Tensor] = {p: torch.empty(0) for p in paths}
+    gens = {p: torch.Generator().manual_seed(seed * 1_000_003 + i) for i, p in enumerate(paths)}
     mask: list[torch.Tensor | None] = [None]
 
     def hook(path: str):
@@ -116,7 +126,16 @@ def collect_inputs(
             m = mask[0]
             if m is not None and tuple(m.shape) == tuple(x.shape[:-1]):
                 x = x[m.bool()]
-            got[path].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+            x = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (n, d)
+            if max_tokens is None:
+                got[path].append(x)
+                return
+            k = torch.cat([keys[path], torch.rand(x.shape[0], generator=gens[path])])
+            xs = torch.cat([*got[path], x])
+            if len(k) > max_tokens:
+                top = k.topk(max_tokens).indices
+                k, xs = k[top], xs[top]
+            keys[path], got[path] = k, [xs]
 
         return fn
 
@@ -296,7 +315,8 @@ def moefy(
                 f"choose one of {divisors}."
             )
     batches = _batches(calibration)
-    inputs = collect_inputs(model, [s.replace for s in specs], batches)
+    paths = [s.replace for s in specs]
+    inputs = collect_inputs(model, paths, batches, max_tokens=max_tokens, seed=seed)
     lr = lr if lr is not None else (1e-2 if router == "linear" else 3e-3)
     bar = None
     if progress:
@@ -310,7 +330,7 @@ def moefy(
             w = ffn_weights(model, s)  # one FFN at a time: float32 copies of every FFN may not fit
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             x = inputs.pop(s.replace)
-            x = x[torch.randperm(x.shape[0], generator=g)[:max_tokens]]  # (n, d_model)
+            x = x[torch.randperm(x.shape[0], generator=g)]  # (n, d_model), n <= max_tokens
             n_eval = math.floor(x.shape[0] * holdout)
             x_fit, x_eval = x[n_eval:], (x[:n_eval] if n_eval else x)
             parts = split_neurons(w, n_experts, clustering=clustering, inputs=x_fit, seed=seed)
