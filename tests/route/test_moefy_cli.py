@@ -104,3 +104,21 @@ def test_never_overwrites_inputs_or_outputs_without_force(run_cli, tmp_path, ber
     code, _, err = run_cli("route", "moefy", recipe, tmp_path / "out", "-q")
     assert code == 0, err
     assert (tmp_path / "out" / "brickwork.json").is_file()
+
+
+def test_a_model_without_tokenizer_is_refused_before_any_work(
+    run_cli, tmp_path, bert_family, bert_dir
+):
+    recipe = write_yaml(tmp_path / "m.yaml", _recipe(bert_dir, model=str(bert_family.base)))
+    code, _, err = run_cli("route", "moefy", recipe, tmp_path / "out", "-q")
+    assert code == 2 and "no usable tokenizer" in err and str(bert_family.base) in err
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_calibration_text_the_tokenizer_cannot_read_is_refused(run_cli, tmp_path, bert_dir):
+    (tmp_path / "greek.txt").write_text("αβγ δεζ ηθι\nκλμ νξο\n")
+    calib = {"text": str(tmp_path / "greek.txt"), "lines": 2}
+    recipe = write_yaml(tmp_path / "m.yaml", _recipe(bert_dir, calibration=calib))
+    code, _, err = run_cli("route", "moefy", recipe, tmp_path / "out", "-q")
+    assert code == 2 and "calibration tokens to [UNK]" in err
+    assert leftovers(tmp_path / "out") == []

@@ -126,7 +126,41 @@ def _read_lines(path: Path, n: int, where: str) -> list[str]:
     return lines
 
 
-def _load_hf(model_dir: Path, where: str) -> tuple[Any, Any]:
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _load_tokenizer(model_dir: Path, where: str) -> Any:
+    import transformers
+
+    hint = (
+        "the calibration text is tokenized with the model's own tokenizer: put its files "
+        f"({', '.join(_TOKENIZER_FILES[:3])}, ...) in the directory."
+    )
+    # transformers 5 builds an *empty* tokenizer (every word unknown) for a directory
+    # without tokenizer files, so their absence is checked here rather than trusted to it.
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{where} '{model_dir}': no usable tokenizer (no vocabulary file); {hint}"
+        )
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{where} '{model_dir}': no usable tokenizer ({type(e).__name__}: {e}); {hint}"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _load_model(model_dir: Path, where: str) -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
@@ -136,21 +170,26 @@ def _load_hf(model_dir: Path, where: str) -> tuple[Any, Any]:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(model_dir), local_files_only=True).eval()
+        return cls.from_pretrained(str(model_dir), local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{where} '{model_dir}': transformers cannot load it ({e})."
         ) from None
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"{where} '{model_dir}': no usable tokenizer ({type(e).__name__}); the calibration "
-            "text is tokenized with the model's own tokenizer: put its files in the directory."
-        ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return model, tok
+
+
+def _check_unknown(batches: list[dict], tok: Any, where: str) -> None:
+    """Refuse calibration text the tokenizer mostly cannot read (wrong tokenizer or text)."""
+    import torch
+
+    if tok.unk_token_id is None:
+        return
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
+    share = float((ids == tok.unk_token_id).float().mean()) if ids.numel() else 0.0
+    if share > 0.5:
+        raise RecipeError(
+            f"{where}: the model's tokenizer maps {share:.0%} of the calibration tokens to "
+            f"{tok.unk_token}; is it the model's tokenizer, and text in its language?"
+        )
 
 
 def run_moefy(
@@ -188,13 +227,15 @@ def run_moefy(
         )
     lines = _read_lines(text, r.calibration.lines, f"{recipe_path}: calibration.text")
     seed = r.seed if seed is None else seed
-    model, tok = _load_hf(model_dir, f"{recipe_path}: model")
+    tok = _load_tokenizer(model_dir, f"{recipe_path}: model")
     c = r.calibration
     batches = []
     for i in range(0, len(lines), c.batch_size):
         enc = tok(lines[i : i + c.batch_size], padding=True, truncation=True,
                   max_length=c.max_length, return_tensors="pt")  # fmt: skip
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    _check_unknown(batches, tok, f"{recipe_path}: calibration.text '{text}'")
+    model = _load_model(model_dir, f"{recipe_path}: model")
     from ..checkpoint.reader import open_checkpoint
     from .format import save_moe
     from .moefy import moefy, report_dict
