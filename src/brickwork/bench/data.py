@@ -47,9 +47,14 @@ LEXNAMES: tuple[str, ...] = (
     "verb.social", "verb.stative", "verb.weather", "adj.ppl",
 )  # fmt: skip
 
-#: Fortune topics used by the benchmark: distinct subjects, none from the offensive set.
+#: Fortune topics used by the benchmark, none from the offensive set. Chosen so that the topic
+#: is mostly a matter of source and style (Zippy the Pinhead, platitudes, mock definitions,
+#: song lyrics, quotations about people, fortune-cookie lines, IRC quotes, wisdom) rather
+#: than of subject matter, which a sentence encoder already separates well: with subject
+#: topics (computers, food, law, love, science, sports, startrek, work) the frozen encoder's
+#: probe was as good as a fine-tune (78.8 % vs 78.8 %).
 FORTUNE_TOPICS: tuple[str, ...] = (
-    "computers", "food", "law", "love", "science", "sports", "startrek", "work",
+    "zippy", "platitudes", "definitions", "songs-poems", "people", "cookie", "knghtbrd", "wisdom",
 )  # fmt: skip
 #: Never read, even when installed outside ``off/`` by a local packaging.
 OFFENSIVE_TOPICS = frozenset({"ethnic", "drugs", "men-women", "sex", "racism", "privates"})

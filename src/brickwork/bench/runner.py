@@ -98,7 +98,7 @@ def _merge_rows(
     base = {k: base_full[k] for k in keys}
     models = [{k: finetunes[t.name][0][k] for k in keys} for t in tasks]
     heads = {t.name: finetunes[t.name][1] for t in tasks}
-    enc_params = sum(v.numel() for v in base_full.values())
+    enc_params = suite.shared_params() + sum(v.numel() for v in base_full.values())
     rows = []
     with progress("merge + select on validation", len(names)) as bar:
         for name in names:
@@ -144,7 +144,7 @@ def _merge_rows(
 
 def _row_key(suite: Suite, tasks: list[Task], trainer: Trainer, what: str, **extra: Any) -> str:
     return cache_key(
-        kind="row", what=what, suite=suite.name, quick=suite.quick, models=sorted(trainer.keys.items()),
+        kind="row", what=what, suite=suite.name, encoder=suite.describe(), quick=suite.quick, models=sorted(trainer.keys.items()),
         data=[(t.name, t.fingerprint(D.SPLITS)) for t in tasks],
         code=source_hash("merge", "bench", "checkpoint"), **extra,
     )  # fmt: skip
@@ -194,7 +194,9 @@ def run_bench(
     mt_enc, mt_heads = trainer.multitask(task_list)
     ev = Evaluator(s, trainer)
     base = s.base_state()
-    enc_params = sum(v.numel() for v in base.values())
+    shared = s.shared_params()  # a frozen trunk every model shares: counted once
+    top = sum(v.numel() for v in base.values())
+    enc_params = shared + top
     ft_states = {t.name: full_state(s, finetunes[t.name][0]) for t in task_list}
     ft_heads = {t.name: finetunes[t.name][1] for t in task_list}
 
@@ -209,7 +211,7 @@ def run_bench(
         for t in task_list:
             per |= ev.accuracy(ft_states[t.name], ft_heads, [t], "test")
         rows.append(_row("individual", "reference", per_task=per,
-                         params=len(task_list) * enc_params + _n_params([], list(ft_heads.values())),
+                         params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2),
                          train_seconds=_sum(trainer.timings, "probe:", "finetune:")))  # fmt: skip
         _adv(b)
@@ -223,7 +225,7 @@ def run_bench(
         t0 = time.perf_counter()
         rows.append(_row("ensemble", "reference",
                          per_task=ev.ensemble_accuracy(list(ft_states.values()), ft_heads, task_list, "test"),
-                         params=len(task_list) * enc_params + _n_params([], list(ft_heads.values())),
+                         params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
         _adv(b)
     reused: list[str] = []

@@ -28,7 +28,7 @@ from torch import nn
 from .suites import Suite, Task
 
 #: Bump when a change to this package changes what training produces.
-CODE_VERSION = "bench-train-1"
+CODE_VERSION = "bench-train-2"
 
 Progress = Callable[[str, int], Any]  # (description, total) -> context manager with .advance()
 
@@ -227,6 +227,7 @@ class Trainer:
         return cache_key(
             kind=kind,
             suite=self.suite.name,
+            encoder=self.suite.describe(),
             quick=self.suite.quick,
             tasks=[(t.name, t.fingerprint()) for t in tasks],
             seed=self.suite.seed,
