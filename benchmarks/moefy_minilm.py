@@ -54,6 +54,18 @@ def _batches(tok, lines: list[str], bs: int = 32, max_length: int = 48) -> list[
 
 
 @torch.no_grad()
+def _seconds(model, batches, repeats: int = 3) -> float:
+    """Median wall time of one pass over ``batches``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in batches:
+            model(**b)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
 def _embed(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     embs, hid = [], []
     for b in batches:
@@ -82,6 +94,7 @@ def main() -> None:
     calib = _batches(tok, _lines(CALIB_FILES, 1024))
     held = _batches(tok, _lines(EVAL_FILES, 256))
     ref_emb, ref_hid = _embed(dense, held)
+    dense_s = _seconds(dense, held)
     settings = [
         {"n_experts": 8, "top_k": 4, "clustering": "kmeans", "router": "linear"},
         {"n_experts": 8, "top_k": 4, "clustering": "coactivation", "router": "linear"},
@@ -104,6 +117,8 @@ def main() -> None:
             "random_kept_mass": s["top_k"] / s["n_experts"],
             "heldout_sentence_cosine": round(float(cos), 4),
             "heldout_last_hidden_rel_error": round(float(rel), 4),
+            "heldout_forward_seconds": round(_seconds(r.model, held), 3),
+            "dense_forward_seconds": round(dense_s, 3),
         }
         rows.append(row)
         print(json.dumps(row))
@@ -120,15 +135,16 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(
-        "| K | top_k | clustering | router | recall | kept mass (oracle) | FFN rel. err | sentence cos | last hidden rel. err |"
+        "| K | top_k | clustering | router | recall | kept mass (oracle) | FFN rel. err | sentence cos | last hidden rel. err | forward s (dense) |"
     )
-    print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for x in rows:
         print(
             f"| {x['n_experts']} | {x['top_k']} | {x['clustering']} | {x['router']} | "
             f"{x['router_recall']:.3f} | {x['kept_mass']:.3f} ({x['oracle_kept_mass']:.3f}) | "
             f"{x['output_rel_error']:.3f} | {x['heldout_sentence_cosine']:.4f} | "
-            f"{x['heldout_last_hidden_rel_error']:.3f} |"
+            f"{x['heldout_last_hidden_rel_error']:.3f} | "
+            f"{x['heldout_forward_seconds']:.2f} ({x['dense_forward_seconds']:.2f}) |"
         )
 
 
