@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 debs:
 	@missing=""; \
 	test -d /usr/share/wordnet || missing="$$missing wordnet-base"; \
-	test -d /usr/share/games/fortunes || missing="$$missing fortunes fortunes-min"; \
+	test -f /usr/share/games/fortunes/zippy || missing="$$missing fortunes fortunes-min"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -10,7 +9,6 @@ def bench_cache(tmp_path_factory: pytest.TempPathFactory):
     mp = pytest.MonkeyPatch()
     path = tmp_path_factory.mktemp("bench-cache")
     mp.setenv("BRICKWORK_CACHE", str(path))
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     yield path
     mp.undo()
 
