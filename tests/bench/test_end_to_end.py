@@ -5,6 +5,7 @@ import json
 import pytest
 
 from brickwork.bench import data as D
+from brickwork.bench.moe_rows import MOE_ROWS
 from brickwork.bench.report import SCHEMA_VERSION, validate
 from brickwork.merge.registry import list_methods
 
@@ -23,7 +24,9 @@ def test_every_registered_method_has_a_row(quick_results):
     results, _ = quick_results
     methods = [r["method"] for r in results["rows"]]
     assert methods[:4] == ["base", "individual", "multitask", "ensemble"]
-    assert sorted(methods[4:]) == list_methods()
+    n = len(MOE_ROWS)
+    assert sorted(methods[4:-n]) == list_methods()  # merge rows, then the MoE rows
+    assert methods[-n:] == list(MOE_ROWS)
     for r in results["rows"]:
         assert r["status"] == "ok" or r["reason"]  # a skipped row says why
     ind = next(r for r in results["rows"] if r["method"] == "individual")
@@ -72,3 +75,27 @@ def test_cli_command_runs_a_narrowed_quick_bench(quick_results, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "results.json").read_text())
     assert [t["name"] for t in res["tasks"]] == ["digit", "rot90"]
+    assert [r["method"] for r in res["rows"]][4:] == ["linear"]
+
+
+def test_cli_selects_moe_rows_by_name_and_refuses_unknown_ones(quick_results, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from brickwork.bench.cli import register
+    from brickwork.errors import UnknownNameError
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    base = ["bench", "--suite", "digits", "--quick", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, [*base, "--methods", "linear,moefy_top2of8"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]][4:] == ["linear", "moefy_top2of8"]
+    r = CliRunner().invoke(app, [*base, "--methods", "linear,moefy_top2of8", "--no-moe"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]][4:] == ["linear"]
+    r = CliRunner().invoke(app, [*base, "--methods", "moe_tsk"])
+    assert isinstance(r.exception, UnknownNameError) and "moe_task" in str(r.exception)

@@ -19,13 +19,21 @@ def bench(
     ),
     quick: bool = typer.Option(False, "--quick", help="Few steps and examples: a smoke test."),
     tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated task names."),
-    methods: str | None = typer.Option(None, "--methods", help="Comma-separated merge methods."),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        help="Comma-separated merge methods and MoE rows (moe_task, moe_train, moefy_top4of8, "
+        "moefy_top2of8); default: all.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of splits, training and merges."),
+    no_moe: bool = typer.Option(False, "--no-moe", help="Leave out the MoE rows."),
 ) -> None:
-    """Fine-tune (cached), merge with every method, evaluate; write JSON, Markdown and a chart."""
+    """Fine-tune (cached), merge with every method, build MoEs of the fine-tunes, evaluate;
+    write JSON, Markdown and a chart."""
     from .runner import run_bench
 
-    run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods), seed=seed)
+    run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods),
+              seed=seed, moe=not no_moe)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

@@ -1,10 +1,10 @@
 """Benchmark outputs: ``results.json`` (schema below), ``results.md``, ``normalized.png``,
 a rich table, and the environment (package versions, hardware).
 
-``results.json`` schema (``"schema": "brickwork-bench/1"``)::
+``results.json`` schema (``"schema": "brickwork-bench/2"``)::
 
     {
-      "schema": "brickwork-bench/1",
+      "schema": "brickwork-bench/2",
       "suite": str, "seed": int, "quick": bool, "created": ISO-8601 str,
       "tasks": [{"name": str, "description": str, "classes": [str],
                  "sizes": {"train": int, "val": int, "test": int}}],
@@ -12,8 +12,10 @@ a rich table, and the environment (package versions, hardware).
       "train_config": {...TrainConfig fields...},
       "cache": {"hits": {"probe:<task>" | "finetune:<task>" | "multitask": bool}},
       "rows": [{
-        "method": str,                       # base | individual | multitask | ensemble | <merge method>
-        "kind": "reference" | "merge",
+        "method": str,                       # base | individual | multitask | ensemble
+                                             # | <merge method> | moe_task | moe_train
+                                             # | moefy_top4of8 | moefy_top2of8
+        "kind": "reference" | "merge" | "moe",
         "status": "ok" | "skipped",
         "reason": str | null,                # why skipped
         "per_task": {task: float},           # test accuracy
@@ -21,6 +23,13 @@ a rich table, and the environment (package versions, hardware).
         "normalized": float | null,          # mean over tasks of accuracy / individual's accuracy
         "normalized_per_task": {task: float},
         "params": int | null,                # parameters needed to serve every task
+        "active_params": int | null,         # parameters one example passes through: trunk
+                                             # + encoder (an MoE: router + top_k experts)
+                                             # + its task's head, averaged over tasks
+        "latency_ms": float | null,          # encoder forward time per example, batches of
+                                             # up to 64 test inputs of one task, best of a few
+                                             # runs; summed over the encoders a row runs
+                                             # (ensemble); text: the trained top only
         "seconds": float | null,             # this run: merges + validation grid + test evaluation
         "train_seconds": float | null,       # training time recorded when the model was trained
         "hyperparameters": {name: value},    # chosen on the validation split
@@ -46,7 +55,7 @@ import torch
 
 from ..errors import BrickworkError
 
-SCHEMA_VERSION = "brickwork-bench/1"
+SCHEMA_VERSION = "brickwork-bench/2"
 SCHEMA_DOC = __doc__
 
 _TOP: dict[str, type | tuple[type, ...]] = {
@@ -59,6 +68,7 @@ _ROW: dict[str, tuple[type, ...]] = {
     "method": (str,), "kind": (str,), "status": (str,), "reason": (str, type(None)),
     "per_task": (dict,), "avg": (*_NUM, type(None)), "normalized": (*_NUM, type(None)),
     "normalized_per_task": (dict,), "params": (int, type(None)),
+    "active_params": (int, type(None)), "latency_ms": (*_NUM, type(None)),
     "seconds": (*_NUM, type(None)), "train_seconds": (*_NUM, type(None)),
     "hyperparameters": (dict,), "validation": (dict, type(None)),
 }  # fmt: skip
@@ -97,8 +107,8 @@ def validate(results: dict[str, Any]) -> None:
             bad.append(f"rows[{i}]: not an object")
             continue
         check(f"rows[{i}]", r, _ROW)
-        if r.get("kind") not in ("reference", "merge"):
-            bad.append(f"rows[{i}].kind: {r.get('kind')!r} is not 'reference' or 'merge'")
+        if r.get("kind") not in ("reference", "merge", "moe"):
+            bad.append(f"rows[{i}].kind: {r.get('kind')!r} is not 'reference', 'merge' or 'moe'")
         if r.get("status") not in ("ok", "skipped"):
             bad.append(f"rows[{i}].status: {r.get('status')!r} is not 'ok' or 'skipped'")
         if r.get("status") == "ok":
@@ -161,6 +171,14 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return f"{100 * v:.1f}" if pct else str(v)
 
 
+def _millions(v: int | None) -> str:
+    return "—" if v is None else f"{v / 1e6:.2f}"
+
+
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     tasks = [t["name"] for t in results["tasks"]]
     head = [
@@ -170,6 +188,8 @@ def markdown(results: dict[str, Any]) -> str:
         "avg",
         "normalized",
         "params (M)",
+        "active (M)",
+        "latency (ms)",
         "seconds",
         "hyperparameters",
     ]
@@ -178,10 +198,12 @@ def markdown(results: dict[str, Any]) -> str:
         + (" (quick)" if results["quick"] else ""),
         "",
         "Test accuracy (%) per task; *normalized* = accuracy ÷ `individual`'s, per task, "
-        "averaged. Hyperparameters were chosen on the validation split.",
+        "averaged. Hyperparameters were chosen on the validation split. *active*: parameters "
+        "one example passes through (an MoE counts its router and `top_k` experts); *latency*: "
+        "encoder forward time per example (one batch of 64 test inputs, an equal share per task).",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(tasks) + 4) + ["---"]) + "|",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(tasks) + 6) + ["---"]) + "|",
     ]
     skipped = []
     for r in results["rows"]:
@@ -191,8 +213,8 @@ def markdown(results: dict[str, Any]) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
         cells = [
             f"`{r['method']}`", r["kind"], *(_fmt(r["per_task"][t]) for t in tasks),
-            _fmt(r["avg"]), _fmt(r["normalized"]), f"{r['params'] / 1e6:.1f}",
-            f"{r['seconds']:.1f}", hp,
+            _fmt(r["avg"]), _fmt(r["normalized"]), _millions(r["params"]),
+            _millions(r["active_params"]), _ms(r["latency_ms"]), f"{r['seconds']:.1f}", hp,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lin = next(
@@ -266,17 +288,18 @@ def print_table(results: dict[str, Any], console: Any) -> None:
 
     tasks = [t["name"] for t in results["tasks"]]
     table = Table(title=f"brickwork bench — {results['suite']} (test accuracy %)")
-    for c in ["method", *tasks, "avg", "norm.", "s", "hyperparameters"]:
+    for c in ["method", *tasks, "avg", "norm.", "act. M", "ms", "s", "hyperparameters"]:
         left = c in ("method", "hyperparameters")
         table.add_column(c, justify="left" if left else "right", no_wrap=c == "method",
                          overflow="ellipsis" if c == "hyperparameters" else "fold")  # fmt: skip
     for r in results["rows"]:
         if r["status"] != "ok":
             table.add_row(
-                r["method"], *["—"] * (len(tasks) + 3), f"skipped: {(r['reason'] or '')[:60]}"
+                r["method"], *["—"] * (len(tasks) + 5), f"skipped: {(r['reason'] or '')[:60]}"
             )
             continue
         hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
         table.add_row(r["method"], *(_fmt(r["per_task"][t]) for t in tasks), _fmt(r["avg"]),
-                      _fmt(r["normalized"]), f"{r['seconds']:.1f}", hp)  # fmt: skip
+                      _fmt(r["normalized"]), _millions(r["active_params"]), _ms(r["latency_ms"]),
+                      f"{r['seconds']:.1f}", hp)  # fmt: skip
     console.print(table)

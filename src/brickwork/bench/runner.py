@@ -65,6 +65,8 @@ def _row(method: str, kind: str, **kw: Any) -> dict[str, Any]:
         "normalized": None,
         "normalized_per_task": {},
         "params": None,
+        "active_params": None,
+        "latency_ms": None,
         "seconds": None,
         "train_seconds": None,
         "hyperparameters": {},
@@ -85,6 +87,7 @@ def _merge_rows(
     progress: Any,
     reused: list[str] | None = None,
     use_cache: bool = True,
+    costs: Any = None,
 ) -> list[dict[str, Any]]:
     """One row per merge method. A row computed before from the same fine-tunes, data,
     seed and merge code is read from the cache (its name is appended to ``reused``)."""
@@ -135,6 +138,7 @@ def _merge_rows(
                     validation={"avg": round(sel.val_avg, 6), "tried": sel.tried},
                     params=enc_params + _n_params([], list(heads.values())),
                     seconds=round(time.perf_counter() - t0, 2),
+                    **(costs.same(sel.state, heads) if costs is not None else {}),
                 ))  # fmt: skip
             save_row(key, rows[-1])
             if bar is not None:
@@ -175,11 +179,19 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
     console: Any = None,
+    moe: bool = True,
 ) -> dict[str, Any]:
     """Run one benchmark suite and write ``results.json``, ``results.md``, ``normalized.png``
     under ``out`` (default ``bench-results/<suite>-<date>/``). Returns the results dict
-    (schema: :data:`brickwork.bench.report.SCHEMA_DOC`)."""
+    (schema: :data:`brickwork.bench.report.SCHEMA_DOC`). ``methods`` names merge methods
+    and MoE rows (:data:`brickwork.bench.moe_rows.MOE_ROWS`); ``moe=False`` drops the MoE
+    rows when ``methods`` is None."""
     from rich.console import Console
+
+    from .costs import Costs
+    from .moe_rows import moe_rows, split_methods
+
+    methods, moe_names = split_methods(methods, moe=moe)
 
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
@@ -199,13 +211,14 @@ def run_bench(
     enc_params = shared + top
     ft_states = {t.name: full_state(s, finetunes[t.name][0]) for t in task_list}
     ft_heads = {t.name: finetunes[t.name][1] for t in task_list}
+    costs = Costs(s, trainer, task_list, quick=quick)
 
     rows: list[dict[str, Any]] = []
     with bar("evaluate references", 4) as b:
         t0 = time.perf_counter()
         rows.append(_row("base", "reference", per_task=ev.accuracy(base, probes, task_list, "test"),
                          params=enc_params + _n_params([], list(probes.values())),
-                         seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+                         seconds=round(time.perf_counter() - t0, 2), **costs.same(base, probes)))  # fmt: skip
         _adv(b)
         t0, per = time.perf_counter(), {}
         for t in task_list:
@@ -213,25 +226,30 @@ def run_bench(
         rows.append(_row("individual", "reference", per_task=per,
                          params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2),
-                         train_seconds=_sum(trainer.timings, "probe:", "finetune:")))  # fmt: skip
+                         train_seconds=_sum(trainer.timings, "probe:", "finetune:"),
+                         **costs({t.name: [ft_states[t.name]] for t in task_list}, ft_heads)))  # fmt: skip
         _adv(b)
         t0 = time.perf_counter()
         rows.append(_row("multitask", "reference",
                          per_task=ev.accuracy(full_state(s, mt_enc), mt_heads, task_list, "test"),
                          params=enc_params + _n_params([], list(mt_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2),
-                         train_seconds=trainer.timings.get("multitask")))  # fmt: skip
+                         train_seconds=trainer.timings.get("multitask"),
+                         **costs.same(full_state(s, mt_enc), mt_heads)))  # fmt: skip
         _adv(b)
         t0 = time.perf_counter()
         rows.append(_row("ensemble", "reference",
                          per_task=ev.ensemble_accuracy(list(ft_states.values()), ft_heads, task_list, "test"),
                          params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
-                         seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+                         seconds=round(time.perf_counter() - t0, 2),
+                         **costs({t.name: list(ft_states.values()) for t in task_list}, ft_heads)))  # fmt: skip
         _adv(b)
     reused: list[str] = []
     rows += _merge_rows(
-        s, task_list, ev, finetunes, methods, seed=seed, progress=bar, reused=reused
+        s, task_list, ev, finetunes, methods, seed=seed, progress=bar, reused=reused, costs=costs
     )
+    rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=seed, progress=bar,
+                     costs=costs, reused=reused)  # fmt: skip
     _finish(rows, task_list)
 
     results = {

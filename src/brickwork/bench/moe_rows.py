@@ -1,0 +1,410 @@
+"""Mixture-of-experts rows of the benchmark, and the two cost columns of every row.
+
+Rows (selectable by name with ``methods``; every choice is made on the validation split,
+the test split is read once per row, at the end):
+
+``moe_task``
+    :func:`brickwork.route.upcycle_modules.upcycle_module` of the fine-tunes: each FFN of
+    the trained encoder becomes an MoE whose expert ``e`` is fine-tune ``e``'s FFN; the
+    other tensors (attention, norms) are merged by task arithmetic. The router of each FFN
+    is built from the centroids of the FFN inputs (through the base) of a few *unlabelled*
+    training inputs per task. ``lambda`` and ``top_k`` (1 or 2) are chosen on validation.
+    No task id enters the encoder: routing decides per token. Each task is scored with its
+    own fine-tuned head, as for every merge row.
+``moe_train``
+    ``moe_task``'s model, then only the routers train (everything else frozen) on mixed
+    unlabelled training inputs of every task: each input's feature is pulled towards the
+    feature of its own domain's fine-tune (its domain is known, its class label is not
+    used), plus :func:`~brickwork.route.moe.load_balancing_loss`. ``top_k`` is chosen
+    again on validation.
+``moefy_top4of8``, ``moefy_top2of8``
+    :func:`brickwork.route.moefy.moefy` of each fine-tune (8 experts per FFN, routers fit
+    on that task's training inputs, no labels); each task is scored with its own MoEfied
+    fine-tune and head (like ``individual``), so *normalized* is the kept fraction of
+    each fine-tune's accuracy at 4 (2) of 8 experts, i.e. 50 % (25 %) of FFN neurons.
+
+An encoder that is one MLP ``Linear -> act -> Linear (-> act)`` with fewer outputs than
+inputs (the digits suite's 784-256-128) is not the ``d -> d_ff -> d`` FFN that route's
+MoE layer computes; :class:`SquareMLP` pads it to one (zero output rows, then a slice),
+the same function. A suite whose encoder has neither gets ``status: skipped`` rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BrickworkError, RecipeError, unknown_name
+from .costs import Costs, count_params, moe_layers, sample, set_top_k
+from .suites import Suite, Task
+from .train import Trainer, features, full_state, load_row, save_row, source_hash
+
+#: Row names, in the order the rows appear.
+MOE_ROWS = ("moe_task", "moe_train", "moefy_top4of8", "moefy_top2of8")
+_MOEFY = {"moefy_top4of8": (8, 4), "moefy_top2of8": (8, 2)}  # name -> (n_experts, top_k)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Everything besides the data and the seed that determines the MoE rows."""
+
+    calibration: int = 64  # unlabelled training inputs per task for the task routers
+    lambdas: tuple[float, ...] = (0.3, 0.5)  # task arithmetic of the non-FFN tensors
+    top_ks: tuple[int, ...] = (1, 2)  # tried on validation
+    train_examples: int = 128  # per task, for router training
+    train_steps: int = 60
+    train_batch: int = 32
+    train_lr: float = 3e-3
+    train_top_k: int = 2  # top-1 passes no gradient to the router through the weights
+    aux_coef: float = 0.01
+    moefy_examples: int = 256  # per task
+    moefy_steps: int = 300
+
+
+def moe_config(quick: bool) -> MoEConfig:
+    if quick:
+        return MoEConfig(calibration=16, lambdas=(0.3,), train_examples=16, train_steps=8, train_batch=16,
+                         moefy_examples=32, moefy_steps=40)  # fmt: skip
+    return MoEConfig()
+
+
+def split_methods(
+    methods: Sequence[str] | None, *, moe: bool = True
+) -> tuple[list[str] | None, list[str]]:
+    """``(merge methods or None for all, MoE rows)`` from a ``methods`` list; an unknown name
+    raises with every valid one."""
+    from ..merge.registry import list_methods
+
+    if methods is None:
+        return None, list(MOE_ROWS) if moe else []
+    merges = list_methods()
+    for m in methods:
+        if m not in MOE_ROWS and m not in merges:
+            raise unknown_name("merge method or MoE row", m, [*merges, *MOE_ROWS])
+    wanted = [m for m in MOE_ROWS if m in methods] if moe else []
+    return [m for m in methods if m not in MOE_ROWS], wanted
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class SquareMLP(nn.Module):
+    """``post(down(act(up(x))))`` with ``down`` widened to ``up.in_features`` outputs (the
+    extra rows zero) and sliced back: the same function as the MLP, in the shape of an FFN
+    ``d -> d_ff -> d`` that :func:`~brickwork.route.ffn.find_ffns` recognises."""
+
+    def __init__(self, up: nn.Linear, act: nn.Module, down: nn.Linear, post: nn.Module) -> None:
+        super().__init__()
+        d_in, d_ff, self.d_out = up.in_features, up.out_features, down.out_features
+        wide = nn.Linear(d_ff, d_in)
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.bias.zero_()
+            wide.weight[: self.d_out] = down.weight  # (d_out, d_ff) of (d_in, d_ff)
+            wide.bias[: self.d_out] = down.bias
+        self.ffn = nn.Sequential(copy.deepcopy(up), copy.deepcopy(act), wide)
+        self.post = copy.deepcopy(post)
+        self.pad_rows = d_in - self.d_out  # zero rows of every copy of `wide`: not counted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.ffn(x)[..., : self.d_out])  # (batch, d_in) -> (batch, d_out)
+
+
+def routable(encoder: nn.Module, probe: Any) -> nn.Module:
+    """``encoder`` if route finds FFNs in it, else an equivalent :class:`SquareMLP`;
+    :class:`RecipeError` (the row's reason to be skipped) when neither works. ``probe`` is
+    a batch on which the two must agree."""
+    from ..route.ffn import activation_name, find_ffns
+
+    try:
+        find_ffns(encoder)
+        return encoder
+    except RecipeError as e:
+        why = str(e)
+    kids = [c for c in encoder.children() if any(True for _ in c.parameters())]
+    seq = kids[0] if len(kids) == 1 and isinstance(kids[0], nn.Sequential) else None
+    parts = list(seq) if seq is not None else []
+    ok = (
+        len(parts) in (3, 4)
+        and isinstance(parts[0], nn.Linear)
+        and isinstance(parts[2], nn.Linear)
+        and activation_name(parts[1]) is not None
+        and parts[2].bias is not None
+        and parts[0].in_features >= parts[2].out_features
+    )
+    if not ok:
+        raise RecipeError(f"no FFN to turn into experts: {why}")
+    post = parts[3] if len(parts) == 4 else nn.Identity()
+    sq = SquareMLP(parts[0], parts[1], parts[2], post)
+    with torch.no_grad():
+        if not torch.allclose(sq(probe), encoder(probe), atol=1e-5):
+            raise RecipeError(f"the encoder is not its MLP '{type(seq).__name__}' alone: {why}")
+    return sq
+
+
+def _by_length(suite: Suite, examples: Sequence[Any]) -> list[tuple[Any]]:
+    """Batches of equal-length examples (no padding token reaches a router), each wrapped
+    as the model's one positional argument."""
+    groups: dict[int, list[Any]] = {}
+    for e in examples:
+        groups.setdefault(suite.length(e), []).append(e)
+    return [(suite.collate(g),) for _, g in sorted(groups.items())]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+class _Builder:
+    """Builds (once) what the MoE rows share: the routable fine-tunes, the chosen
+    ``moe_task`` model and the MoEfied fine-tunes."""
+
+    def __init__(self, suite: Suite, tasks: list[Task], ev: Any, finetunes: Mapping[str, Any],
+                 *, seed: int, progress: Any, cfg: MoEConfig) -> None:  # fmt: skip
+        self.suite, self.tasks, self.ev, self.seed, self.cfg = suite, tasks, ev, seed, cfg
+        self.trainer: Trainer = ev.trainer
+        self.progress = progress
+        self.heads = {t.name: finetunes[t.name][1] for t in tasks}
+        self._states = {t.name: full_state(suite, finetunes[t.name][0]) for t in tasks}
+        self._task: tuple[nn.Module, dict[str, Any], dict[str, Any]] | None = None
+        self._moefied: dict[str, nn.Module] = {}
+        self._dense: dict[str, nn.Module] = {}
+        self.probe = suite.collate(self.trainer.prepared(tasks[0], "train")[:4])
+
+    def dense(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        enc = self.suite.new_encoder()
+        enc.load_state_dict(dict(state))
+        return routable(enc.eval(), self.probe)
+
+    def finetuned(self, task: Task) -> nn.Module:
+        """``task``'s fine-tune as a routable module (built once; callers do not change it)."""
+        if task.name not in self._dense:
+            self._dense[task.name] = self.dense(self._states[task.name])
+        return self._dense[task.name]
+
+    def base(self) -> nn.Module:
+        if "" not in self._dense:
+            self._dense[""] = self.dense(self.suite.base_state())
+        return self._dense[""]
+
+    def unlabelled(self, task: Task, n: int, salt: int = 0) -> list[Any]:
+        """``n`` training inputs of ``task`` (inputs only: labels are never read here)."""
+        prep = self.trainer.prepared(task, "train")
+        return [prep[i] for i in sample(len(prep), n, self.seed * 7919 + salt)]
+
+    def accuracy(
+        self, models: Mapping[str, nn.Module], split: str, tasks: Sequence[Task] | None = None
+    ) -> dict[str, float]:
+        """Per-task accuracy of ``models[task]`` with the task's fine-tuned head."""
+        tasks = self.tasks if tasks is None else tasks
+        self.ev.calls.append((split, tuple(t.name for t in tasks)))  # audited by tests
+        out = {}
+        for t in tasks:
+            x = features(self.suite, models[t.name], self.trainer.prepared(t, split))
+            with torch.no_grad():
+                pred = self.heads[t.name](x).argmax(1)
+            y = torch.tensor(t.splits[split].labels)
+            out[t.name] = float((pred == y).float().mean()) if len(y) else float("nan")
+        return out
+
+    def one(self, model: nn.Module, split: str) -> dict[str, float]:
+        return self.accuracy({t.name: model for t in self.tasks}, split)
+
+    # -- moe_task
+    def upcycle(self, lam: float | None, top_k: int) -> nn.Module:
+        from ..route.upcycle_modules import upcycle_module
+
+        cal = [_by_length(self.suite, self.unlabelled(t, self.cfg.calibration)) for t in self.tasks]
+        return upcycle_module(
+            self.base(), [self.finetuned(t) for t in self.tasks], top_k=top_k,
+            merge_method=None if lam is None else "task_arithmetic",
+            merge_parameters=None if lam is None else {"lambda": lam},
+            router_init="task", examples=cal, seed=self.seed,
+        )  # fmt: skip
+
+    def task_moe(self) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """``(model, hyperparameters, validation)`` of ``moe_task``, chosen on validation."""
+        if self._task is not None:
+            return self._task
+        from ..route.ffn import find_ffns
+
+        ffns = {f"{p}." for s in find_ffns(self.base()) for p in (s.up, s.down, s.gate) if p}
+        merged = [k for k, _ in self.base().named_parameters() if not k.startswith(tuple(ffns))]
+        lams = list(self.cfg.lambdas) if merged else [None]  # only FFNs: nothing to merge
+        best: tuple[float, Any, dict[str, Any]] = (float("-inf"), None, {})
+        tried = []
+        with self.progress("moe_task: upcycle + select on validation", len(lams)) as bar:
+            for lam in lams:
+                model = self.upcycle(lam, max(self.cfg.top_ks))
+                for k in self.cfg.top_ks:
+                    scores = self.one(set_top_k(model, k), "val")
+                    avg = sum(scores.values()) / len(scores)
+                    params = {"lambda": lam, "top_k": k} if lam is not None else {"top_k": k}
+                    tried.append({"params": params, "val_avg": round(avg, 6)})
+                    if avg > best[0]:
+                        best = (avg, copy.deepcopy(model), params)
+                if bar is not None:
+                    bar.advance()
+        hp = {**best[2], "router": "task", "calibration_per_task": self.cfg.calibration}
+        self._task = (best[1], hp, {"avg": round(best[0], 6), "tried": tried})
+        return self._task
+
+    # -- moe_train
+    def train_moe(self) -> tuple[nn.Module, dict[str, Any], dict[str, Any], float]:
+        """``(model, hyperparameters, validation, train_seconds)`` of ``moe_train``."""
+        from ..route.moe import load_balancing_loss
+
+        start, hp0, _ = self.task_moe()
+        t0 = time.perf_counter()
+        cfg, k_train = self.cfg, min(self.cfg.train_top_k, moe_layers(start)[0].n_experts)
+        model = set_top_k(copy.deepcopy(start), k_train).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [p for m in moe_layers(model) for p in m.router.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        pool = []  # per task: (inputs, target features of the task's own fine-tune)
+        for t in self.tasks:
+            xs = self.unlabelled(t, cfg.train_examples, salt=1)
+            pool.append((xs, features(self.suite, self.finetuned(t), xs)))  # (n, feature_dim)
+        scale = torch.cat([f for _, f in pool]).pow(2).mean()
+        logits: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: logits.append(o.router_logits))
+                 for m in moe_layers(model)]  # fmt: skip
+        opt = torch.optim.Adam(params, lr=cfg.train_lr)
+        g = torch.Generator().manual_seed(self.seed)
+        per = max(1, cfg.train_batch // len(self.tasks))
+        losses = []
+        try:
+            with self.progress("moe_train: router training", cfg.train_steps) as bar:
+                for _ in range(cfg.train_steps):
+                    ex, tgt = [], []
+                    for xs, f in pool:
+                        idx = torch.randint(len(xs), (per,), generator=g).tolist()
+                        ex += [xs[i] for i in idx]
+                        tgt.append(f[idx])
+                    batch = self.suite.collate(ex)
+                    logits.clear()
+                    with torch.enable_grad():
+                        distil = (model(batch) - torch.cat(tgt)).pow(2).mean() / scale
+                        mask = batch[1].reshape(-1).bool() if isinstance(batch, tuple) else None
+                        lb = sum(load_balancing_loss(lg if mask is None else lg[mask], k_train)
+                                 for lg in logits) / len(logits)  # fmt: skip
+                        loss = distil + cfg.aux_coef * lb
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                    losses.append(distil.item())
+                    if bar is not None:
+                        bar.advance()
+        finally:
+            for h in hooks:
+                h.remove()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        seconds = time.perf_counter() - t0
+        best: tuple[float, int] = (float("-inf"), k_train)
+        tried = []
+        for k in cfg.top_ks:
+            scores = self.one(set_top_k(model, k), "val")
+            avg = sum(scores.values()) / len(scores)
+            tried.append({"params": {"top_k": k}, "val_avg": round(avg, 6)})
+            best = max(best, (avg, k), key=lambda b: b[0])
+        set_top_k(model, best[1])
+        hp = {**{k: v for k, v in hp0.items() if k != "top_k"}, "top_k": best[1], "router": "train",
+              "steps": cfg.train_steps, "lr": cfg.train_lr, "train_top_k": k_train,
+              "aux_coef": cfg.aux_coef, "examples_per_task": cfg.train_examples,
+              "distil_loss": [round(losses[0], 4), round(losses[-1], 4)]}  # fmt: skip
+        return model, hp, {"avg": round(best[0], 6), "tried": tried}, seconds
+
+    # -- moefy
+    def moefied(self, task: Task) -> nn.Module:
+        """``task``'s fine-tune MoEfied into 8 experts per FFN (routers fit on its inputs)."""
+        if task.name not in self._moefied:
+            from ..route.moefy import moefy
+
+            cal = _by_length(self.suite, self.unlabelled(task, self.cfg.moefy_examples, salt=2))
+            k_max = max(k for _, k in _MOEFY.values())
+            res = moefy(self.finetuned(task), n_experts=8, top_k=k_max, calibration=cal,
+                        steps=self.cfg.moefy_steps, seed=self.seed)  # fmt: skip
+            self._moefied[task.name] = res.model.eval()
+        return self._moefied[task.name]
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def moe_rows(
+    suite: Suite,
+    tasks: list[Task],
+    ev: Any,
+    finetunes: Mapping[str, tuple[dict[str, torch.Tensor], nn.Linear]],
+    names: Sequence[str],
+    *,
+    seed: int,
+    progress: Any,
+    costs: Costs,
+    reused: list[str] | None = None,
+    use_cache: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per name in ``names`` (of :data:`MOE_ROWS`), cached like merge rows."""
+    from .runner import _row, _row_key
+
+    reused = [] if reused is None else reused
+    cfg = moe_config(suite.quick)
+    b = _Builder(suite, tasks, ev, finetunes, seed=seed, progress=progress, cfg=cfg)
+    shared = suite.shared_params()
+    heads = sum(p.numel() for h in b.heads.values() for p in h.parameters())
+    rows = []
+    for name in [n for n in MOE_ROWS if n in names]:
+        key = _row_key(suite, tasks, ev.trainer, f"moe:{name}", seed=seed, moe=asdict(cfg),
+                       code_route=source_hash("merge", "bench", "checkpoint", "route"))  # fmt: skip
+        cached = load_row(key) if use_cache else None
+        if cached is not None:
+            rows.append(cached)
+            reused.append(name)
+            continue
+        t0 = time.perf_counter()
+        try:
+            if name in _MOEFY:
+                n_exp, k = _MOEFY[name]
+                with progress(f"{name}: moefy the fine-tunes", len(tasks)) as bar:
+                    models = {}
+                    for t in tasks:
+                        models[t.name] = set_top_k(b.moefied(t), k)
+                        if bar is not None:
+                            bar.advance()
+                per = {}
+                for t in tasks:  # each MoEfied fine-tune on its own task only
+                    per |= b.accuracy(models, "test", [t])
+                total = sum(count_params(m)[1] for m in models.values())
+                kw = dict(per_task=per, params=shared + total + heads,
+                          hyperparameters={"n_experts": n_exp, "top_k": k, "active_neurons": k / n_exp,
+                                           "calibration_per_task": cfg.moefy_examples,
+                                           "router_steps": cfg.moefy_steps})  # fmt: skip
+                secs = round(time.perf_counter() - t0, 2)  # costs are measured after
+                kw |= costs({t.name: [models[t.name]] for t in tasks}, b.heads)
+            else:
+                if name == "moe_task":
+                    model, hp, val = b.task_moe()
+                    extra = {}
+                else:
+                    model, hp, val, secs = b.train_moe()
+                    extra = {"train_seconds": round(secs, 2)}
+                kw = dict(per_task=b.one(model, "test"),  # the only test read
+                          params=shared + count_params(model)[1] + heads, hyperparameters=hp,
+                          validation=val, **extra)  # fmt: skip
+                secs = round(time.perf_counter() - t0, 2)
+                kw |= costs.same(model, b.heads)
+            row = _row(name, "moe", seconds=secs, **kw)
+        except BrickworkError as e:
+            row = _row(name, "moe", status="skipped", reason=str(e),
+                       seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
+        save_row(key, row)
+        rows.append(row)
+    return rows
