@@ -1,4 +1,4 @@
-"""Mixture-of-experts rows of the benchmark, and the two cost columns of every row.
+"""Mixture-of-experts rows of the benchmark (their cost columns: :mod:`.costs`).
 
 Rows (selectable by name with ``methods``; every choice is made on the validation split,
 the test split is read once per row, at the end):
@@ -15,8 +15,9 @@ the test split is read once per row, at the end):
     ``moe_task``'s model, then only the routers train (everything else frozen) on mixed
     unlabelled training inputs of every task: each input's feature is pulled towards the
     feature of its own domain's fine-tune (its domain is known, its class label is not
-    used), plus :func:`~brickwork.route.moe.load_balancing_loss`. ``top_k`` is chosen
-    again on validation.
+    used), plus :func:`~brickwork.route.moe.load_balancing_loss`. The routers train at
+    ``top_k=2`` (with one expert the routing weight is 1 and passes no gradient);
+    ``top_k`` is chosen again on validation afterwards.
 ``moefy_top4of8``, ``moefy_top2of8``
     :func:`brickwork.route.moefy.moefy` of each fine-tune (8 experts per FFN, routers fit
     on that task's training inputs, no labels); each task is scored with its own MoEfied
@@ -26,7 +27,8 @@ the test split is read once per row, at the end):
 An encoder that is one MLP ``Linear -> act -> Linear (-> act)`` with fewer outputs than
 inputs (the digits suite's 784-256-128) is not the ``d -> d_ff -> d`` FFN that route's
 MoE layer computes; :class:`SquareMLP` pads it to one (zero output rows, then a slice),
-the same function. A suite whose encoder has neither gets ``status: skipped`` rows.
+the same function (the whole encoder is then the FFN: ``moe_task`` has nothing to merge).
+A suite whose encoder has neither gets ``status: skipped`` rows.
 """
 
 from __future__ import annotations
