@@ -27,13 +27,19 @@ def bench(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of splits, training and merges."),
     no_moe: bool = typer.Option(False, "--no-moe", help="Leave out the MoE rows."),
+    jobs: int | None = typer.Option(
+        None, "--jobs", min=1, help="Processes training fine-tunes (default: 2; 1 with --quick)."
+    ),
+    threads: int = typer.Option(
+        1, "--threads", min=1, help="Torch threads (default 1: more than free cores is slower)."
+    ),
 ) -> None:
     """Fine-tune (cached), merge with every method, build MoEs of the fine-tunes, evaluate;
     write JSON, Markdown and a chart."""
     from .runner import run_bench
 
     run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods),
-              seed=seed, moe=not no_moe)  # fmt: skip
+              seed=seed, moe=not no_moe, jobs=jobs, threads=threads)  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
