@@ -61,8 +61,13 @@ def test_moe_rows_exist_with_the_cost_columns(quick_results):
     assert rows["moe_task"]["hyperparameters"]["top_k"] in (1, 2)
     assert rows["moe_task"]["hyperparameters"]["router"] == "task"
     assert rows["moe_train"]["hyperparameters"]["router"] == "train"
-    tried = rows["moe_task"]["validation"]["tried"]
-    assert sorted(t["params"]["top_k"] for t in tried) == [1, 2]  # both k tried on val
+    for name in ("moe_task", "moe_train"):  # every top_k x route_by tried on val
+        tried = rows[name]["validation"]["tried"]
+        combos = {(t["params"]["top_k"], t["params"]["route_by"]) for t in tried}
+        assert combos == {(k, rb) for k in (1, 2) for rb in ("token", "sequence")}
+        assert rows[name]["hyperparameters"]["route_by"] in ("token", "sequence")
+    trained = {t["params"]["train_route_by"] for t in rows["moe_train"]["validation"]["tried"]}
+    assert trained == {"token", "sequence"}  # quick: routers trained once per route_by
 
 
 def test_active_params_match_a_hand_count(quick_results):
@@ -178,3 +183,30 @@ def test_methods_narrowing():
     with pytest.raises(UnknownNameError, match="Did you mean 'moe_task'") as e:
         M.split_methods(["moe_tsk"])
     assert all(n in str(e.value) for n in [*M.MOE_ROWS, *list_methods()])
+
+
+def test_masked_hooks_leave_padding_out_of_sequence_routing_and_survive_deepcopy():
+    from brickwork.route.moe import MoEBlock, MoELayer
+
+    class Enc(nn.Module):  # takes a text-suite batch (hidden, mask), as BertTop does
+        def __init__(self) -> None:
+            super().__init__()
+            self.ffn = MoEBlock(MoELayer(8, 12, 3, top_k=1, activation="gelu",
+                                         route_by="sequence"))  # fmt: skip
+
+        def forward(self, batch):
+            h, mask = batch  # (batch, tokens, d), (batch, tokens)
+            return self.ffn(h)[:, 0]
+
+    torch.manual_seed(0)
+    enc = Enc()
+    nn.init.normal_(enc.ffn.moe.router.weight, std=3.0)
+    x = torch.randn(4, 3, 8)
+    padded = torch.cat([x, torch.full((4, 5, 8), 50.0)], dim=1)  # 5 pad positions
+    mask = torch.cat([torch.ones(4, 3), torch.zeros(4, 5)], dim=1).long()
+    with torch.no_grad():
+        alone = enc((x, torch.ones(4, 3).long()))
+        assert not torch.allclose(enc((padded, mask)), alone)  # padding counted: differs
+        for model in (M.masked(enc), copy.deepcopy(enc)):
+            torch.testing.assert_close(model((padded, mask)), alone)
+            assert model.ffn.moe.sequence_mask is None  # cleared after the forward

@@ -3,6 +3,7 @@
 Tokens are flattened, their ``top_k`` (token, expert) slots sorted by expert, and each
 expert runs one matmul on its contiguous group; results are weighted and scatter-added
 back with ``index_add_``. The only Python loop is over experts, never over tokens.
+``route_by="sequence"`` routes whole examples instead of tokens (see :class:`MoELayer`).
 :meth:`MoELayer.forward_dense_reference` computes every expert on every token and masks:
 the same numbers, for tests and as the naive baseline of ``benchmarks/moe_dispatch.py``.
 
@@ -13,7 +14,8 @@ for a dense FFN module inside a model (``brickwork.route.format`` saves and load
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -26,6 +28,7 @@ Activation = Literal["swiglu", "gelu", "gelu_tanh", "relu", "silu"]
 Routing = Literal["topk_softmax", "softmax_topk"]
 Combine = Literal["weighted", "sum"]
 OutBias = Literal["expert", "shared", "none"]
+RouteBy = Literal["token", "sequence"]
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
 _ACT = {
     "gelu": F.gelu,
@@ -37,7 +40,8 @@ _ACT = {
 
 class MoEOutput(NamedTuple):
     output: torch.Tensor  # (..., d_model), the input's shape
-    router_logits: torch.Tensor  # (tokens, n_experts), for load_balancing_loss
+    router_logits: torch.Tensor  # (tokens, n_experts), for load_balancing_loss; with
+    # route_by="sequence" each token's row is its sequence's (mean) logits
 
 
 class RouterOutput(NamedTuple):
@@ -73,6 +77,17 @@ class MoELayer(nn.Module):
     ``bias`` of shape (d_model,) added once per token: a dense FFN split into experts) or
     ``"none"`` (the default for ``"swiglu"``, which has no biases at all). ``router_hidden``
     makes the router a small MLP ``Linear(d_model, h) -> ReLU -> Linear(h, n_experts)``.
+
+    ``route_by="sequence"`` (task-level routing, Kudugunta et al. 2021, "Beyond
+    Distillation: Task-level Mixture-of-Experts for Efficient Inference"): the router
+    logits of all tokens of one example are averaged and every token of that example goes
+    to the same ``top_k`` experts with the same weights. An input ``(..., tokens, d_model)``
+    is a batch of sequences along dim -2; a 2-D input ``(n, d_model)`` is ``n`` examples of
+    one token each (then sequence routing is token routing). Padding is left out of the
+    average by a ``(..., tokens)`` mask of 1 (real) / 0 (pad): ``forward(x, mask=...)``, or,
+    for a layer deep inside a model that calls its FFN with hidden states only, the
+    attribute ``sequence_mask`` (set it with :func:`sequence_mask`). Without a mask every
+    position counts, padding included. The default ``"token"`` routes each token alone.
     """
 
     def __init__(
@@ -90,6 +105,7 @@ class MoELayer(nn.Module):
         router_hidden: int | None = None,
         combine: Combine = "weighted",
         out_bias: OutBias | None = None,
+        route_by: RouteBy = "token",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -126,11 +142,17 @@ class MoELayer(nn.Module):
             routing in ("topk_softmax", "softmax_topk"),
             f"MoELayer: routing must be 'topk_softmax' or 'softmax_topk', got {routing!r}.",
         )
+        _check(
+            route_by in ("token", "sequence"),
+            f"MoELayer: route_by must be 'token' or 'sequence', got {route_by!r}.",
+        )
         kw = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.activation, self.routing, self.renormalize = activation, routing, renormalize
         self.combine, self.out_bias, self.router_bias = combine, out_bias, router_bias
         self.router_hidden, self.shared_d_ff = router_hidden, shared_d_ff
+        self.route_by = route_by
+        self.sequence_mask: torch.Tensor | None = None  # (..., tokens); see sequence_mask()
         if router_hidden is None:
             self.router: nn.Module = nn.Linear(d_model, n_experts, bias=router_bias, **kw)
         else:
@@ -182,24 +204,54 @@ class MoELayer(nn.Module):
             "router_hidden": self.router_hidden,
             "combine": self.combine,
             "out_bias": self.out_bias,
+            "route_by": self.route_by,
         }
 
     # -- routing ----------------------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> RouterOutput:
-        """``x`` (tokens, d_model) -> logits, top-k weights and expert indices."""
-        logits = self.router(x)  # (tokens, n_experts)
+    def route(self, x: torch.Tensor, *, mask: torch.Tensor | None = None) -> RouterOutput:
+        """``x`` (..., d_model) -> logits, top-k weights and expert indices, one row per token
+        of ``x`` flattened. ``route_by="sequence"``: one choice per sequence (dim -2 of a
+        3-D or larger ``x``), its logits the mean over the sequence's tokens where ``mask``
+        (``x.shape[:-1]``, 1 = real token; default: ``self.sequence_mask``) is 1."""
+        flat = x.reshape(-1, self.d_model)  # (tokens, d_model)
+        logits = self.router(flat)  # (tokens, n_experts)
+        if self.route_by == "token" or x.dim() < 3:
+            return self._pick(logits, x.dtype)
+        n_seq, n_tok = flat.shape[0] // x.shape[-2], x.shape[-2]
+        per = logits.reshape(n_seq, n_tok, self.n_experts)  # (sequences, tokens, n_experts)
+        mask = self.sequence_mask if mask is None else mask
+        if mask is None:
+            seq = per.mean(dim=1)  # (sequences, n_experts)
+        else:
+            _check(
+                tuple(mask.shape) == tuple(x.shape[:-1]),
+                f"MoELayer: the sequence mask must have the input's shape without d_model, "
+                f"{tuple(x.shape[:-1])}, got {tuple(mask.shape)}; set it for this batch.",
+            )
+            w = mask.reshape(n_seq, n_tok, 1).to(per.dtype)  # (sequences, tokens, 1)
+            seq = (per * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)  # (sequences, n_experts)
+        r = self._pick(seq, x.dtype)  # one row per sequence
+
+        def each_token(t: torch.Tensor) -> torch.Tensor:  # (sequences, c) -> (tokens, c)
+            return t.unsqueeze(1).expand(n_seq, n_tok, t.shape[-1]).reshape(-1, t.shape[-1])
+
+        return RouterOutput(*(each_token(t) for t in r))
+
+    def _pick(self, logits: torch.Tensor, dtype: torch.dtype) -> RouterOutput:
+        """Router ``logits`` (rows, n_experts) -> top-k weights and indices per row."""
         if self.combine == "sum":
-            idx = logits.topk(self.top_k, dim=-1).indices  # (tokens, top_k)
-            return RouterOutput(logits, torch.ones(idx.shape, dtype=x.dtype, device=x.device), idx)
+            idx = logits.topk(self.top_k, dim=-1).indices  # (rows, top_k)
+            ones = torch.ones(idx.shape, dtype=dtype, device=logits.device)
+            return RouterOutput(logits, ones, idx)
         if self.routing == "topk_softmax":
-            top, idx = logits.topk(self.top_k, dim=-1)  # (tokens, top_k)
+            top, idx = logits.topk(self.top_k, dim=-1)  # (rows, top_k)
             weights = top.float().softmax(dim=-1)
         else:
             probs = logits.float().softmax(dim=-1)
             weights, idx = probs.topk(self.top_k, dim=-1)
             if self.renormalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits, weights.to(x.dtype), idx)
+        return RouterOutput(logits, weights.to(dtype), idx)
 
     # -- experts ----------------------------------------------------------------------------
     def expert(self, e: int, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,10 +270,12 @@ class MoELayer(nn.Module):
             return torch.mm(h, self.down[e].t(), out=out)
         return torch.addmm(b, h, self.down[e].t(), out=out)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None) -> MoEOutput:
+        """``x`` (..., d_model); ``mask`` (``x.shape[:-1]``) only matters for
+        ``route_by="sequence"`` (see :meth:`route`)."""
         shape = x.shape
         flat = x.reshape(-1, self.d_model)  # (tokens, d_model)
-        r = self.route(flat)
+        r = self.route(x, mask=mask)
         out = self._dispatch(flat, r.weights, r.indices)
         if self.shared is not None:
             out = out + self.shared(flat)
@@ -253,11 +307,13 @@ class MoELayer(nn.Module):
                 ys.mul_(w)
         return torch.zeros_like(x).index_add_(0, token, ys)  # (tokens, d_model)
 
-    def forward_dense_reference(self, x: torch.Tensor) -> MoEOutput:
+    def forward_dense_reference(
+        self, x: torch.Tensor, *, mask: torch.Tensor | None = None
+    ) -> MoEOutput:
         """Every expert on every token, then mask by the routing weights (slow; same numbers)."""
         shape = x.shape
         flat = x.reshape(-1, self.d_model)  # (tokens, d_model)
-        r = self.route(flat)
+        r = self.route(x, mask=mask)
         gates = torch.zeros(
             flat.shape[0], self.n_experts, dtype=flat.dtype, device=flat.device
         ).scatter(1, r.indices, r.weights)  # (tokens, n_experts), zero off the top-k
@@ -276,6 +332,7 @@ class MoELayer(nn.Module):
             f"top_k={self.top_k}, activation={self.activation}, routing={self.routing}"
             + (f", combine={self.combine}" if self.combine != "weighted" else "")
             + (f", out_bias={self.out_bias}" if self.out_bias == "shared" else "")
+            + (f", route_by={self.route_by}" if self.route_by != "token" else "")
         )
 
 
@@ -290,6 +347,23 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.moe(x).output
+
+
+@contextmanager
+def sequence_mask(model: nn.Module, mask: torch.Tensor | None) -> Iterator[nn.Module]:
+    """Within the ``with`` block, every :class:`MoELayer` of ``model`` with
+    ``route_by="sequence"`` averages its router logits over the tokens where ``mask``
+    (batch, tokens) is 1 (padding left out); afterwards no mask is set. For models whose
+    FFN modules receive hidden states only (as a :class:`MoEBlock` inside a transformer):
+    ``with sequence_mask(model, attention_mask): model(ids, attention_mask)``."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for m in layers:
+        m.sequence_mask = mask
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.sequence_mask = None
 
 
 class FFN(nn.Module):
