@@ -15,6 +15,7 @@ _EXPORTS = {
     "MoEOutput": "brickwork.route.moe",
     "load_balancing_loss": "brickwork.route.moe",
     "MoEBlock": "brickwork.route.moe",
+    "sequence_mask": "brickwork.route.moe",
     "save_moe": "brickwork.route.format",
     "load": "brickwork.route.format",
     "moefy": "brickwork.route.moefy",
