@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.reader import TensorInfo
-from ..checkpoint.writer import CheckpointWriter
+from ..checkpoint.writer import COPIED_FILES, CheckpointWriter
 from ..errors import CheckpointError, OutputExistsError, did_you_mean
 from .moe import MoEBlock, MoELayer
 
@@ -177,17 +177,9 @@ def save_moe(
     return out
 
 
-_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-)
+#: Files copied next to the weights: the writer's list, except the dense model's config.json
+#: (it is written as base_config.json, so transformers does not load the MoE as a dense model).
+_SIDE_FILES = tuple(f for f in COPIED_FILES if f != "config.json")
 
 
 def _card(meta: Mapping[str, Any]) -> str:
