@@ -20,3 +20,27 @@ def leftovers(out: Path) -> list[str]:
     return sorted(
         p.name for p in parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}.")
     )
+
+
+#: Config keywords of the tiny random Llama / Mistral / Qwen2 models the route tests build.
+TINY_LM = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+def copies_of(ffn, moe) -> None:
+    """Make every expert of the MoELayer ``moe`` a copy of the FFN ``ffn`` (in place)."""
+    import torch
+
+    with torch.no_grad():
+        moe.gate_up.copy_(ffn.w_in.weight.expand_as(moe.gate_up))
+        moe.down.copy_(ffn.w_out.weight.expand_as(moe.down))
+        if moe.b_in is not None:
+            moe.b_in.copy_(ffn.w_in.bias.expand_as(moe.b_in))
+            moe.b_out.copy_(ffn.w_out.bias.expand_as(moe.b_out))

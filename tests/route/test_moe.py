@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import copies_of
 
 from brickwork.errors import BrickworkError
 from brickwork.route import FFN, MoELayer, load_balancing_loss
 
 ACTS = ["swiglu", "gelu"]
 NORMALISED = [("topk_softmax", True), ("softmax_topk", True)]
-
-
-def _copies_of(ffn: FFN, moe: MoELayer) -> None:
-    """Make every expert of ``moe`` a copy of ``ffn`` (in place; test helper)."""
-    with torch.no_grad():
-        moe.gate_up.copy_(ffn.w_in.weight.expand_as(moe.gate_up))
-        moe.down.copy_(ffn.w_out.weight.expand_as(moe.down))
-        if moe.b_in is not None:
-            moe.b_in.copy_(ffn.w_in.bias.expand_as(moe.b_in))
-            moe.b_out.copy_(ffn.w_out.bias.expand_as(moe.b_out))
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -31,7 +22,7 @@ def test_identical_experts_equal_dense_ffn_for_any_router(activation, routing, r
     moe = MoELayer(
         16, 24, 4, top_k=top_k, activation=activation, routing=routing, renormalize=renormalize
     )
-    _copies_of(ffn, moe)
+    copies_of(ffn, moe)
     x = torch.randn(3, 7, 16)
     for seed in range(3):  # several random routers
         torch.manual_seed(100 + seed)

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import copies_of
 from torch import nn
 
 from brickwork.errors import BrickworkError
 from brickwork.route import FFN, MoEBlock, MoELayer, load, save_moe
 from brickwork.route.moe import sequence_mask
-
-
-def _copies_of(ffn: FFN, moe: MoELayer) -> None:
-    with torch.no_grad():
-        moe.gate_up.copy_(ffn.w_in.weight.expand_as(moe.gate_up))
-        moe.down.copy_(ffn.w_out.weight.expand_as(moe.down))
-        if moe.b_in is not None:
-            moe.b_in.copy_(ffn.w_in.bias.expand_as(moe.b_in))
-            moe.b_out.copy_(ffn.w_out.bias.expand_as(moe.b_out))
 
 
 def _layer(seed: int = 0, **kw) -> MoELayer:
@@ -45,7 +37,7 @@ def test_identical_experts_equal_dense_ffn_for_any_router(activation, top_k, mas
     torch.manual_seed(top_k)
     ffn = FFN(16, 24, activation=activation)
     moe = MoELayer(16, 24, 4, top_k=top_k, activation=activation, route_by="sequence")
-    _copies_of(ffn, moe)
+    copies_of(ffn, moe)
     x = torch.randn(3, 7, 16)
     for seed in range(3):  # several random routers
         torch.manual_seed(100 + seed)

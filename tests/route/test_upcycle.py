@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from _helpers import TINY_LM
 from safetensors.torch import load_file
 
 from brickwork.errors import BrickworkError, IncompatibleModelsError, OutputExistsError
@@ -17,16 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny_llama(seed: int, **overrides):
     torch.manual_seed(seed)
-    kwargs = {
-        "vocab_size": 128,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        **overrides,
-    }
+    kwargs = {**TINY_LM, **overrides}
     cfg = transformers.LlamaConfig(**kwargs)
     return transformers.LlamaForCausalLM(cfg).eval()
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from _helpers import TINY_LM
 from safetensors.torch import load_file
 
 from brickwork.errors import BrickworkError, IncompatibleModelsError
@@ -15,15 +16,7 @@ from brickwork.route.upcycle import upcycle_moe, upcycle_to_mixtral
 
 transformers = pytest.importorskip("transformers")
 
-_KW = {
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+_KW = TINY_LM
 
 
 def _save(model, path, *, half_ffn: bool = False):

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from _helpers import TINY_LM
 from safetensors.torch import load_file
 
 from brickwork.errors import BrickworkError, CheckpointError, RecipeError
@@ -21,15 +22,7 @@ from brickwork.route.upcycle import upcycle_moe
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-_KW = {
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+_KW = TINY_LM
 _ALPHABETS = ("0123456789 ", "abcdefghij ", "!?.,;:-+*/")
 
 
