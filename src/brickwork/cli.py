@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .bench.cli import register as _register_bench
-from .errors import BrickworkError
+from .errors import BrickworkError, Interrupted
 from .route.cli import route_app
 
 app = typer.Typer(
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrickworkError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.secho("interrupted; nothing was written", err=True)
+    except Interrupted as e:  # SIGTERM / SIGHUP while writing; the writer said what it did
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # SIGINT outside typer's own handling
         sys.exit(130)
 
 

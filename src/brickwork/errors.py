@@ -36,6 +36,25 @@ class OutputExistsError(BrickworkError):
     """The output path exists and ``force`` was not given."""
 
 
+class OutOfSpaceError(BrickworkError):
+    """The output's file system has (or had) too little free space for the output."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived while a model was being written (SIGINT stays a
+    ``KeyboardInterrupt``).
+
+    Not a :class:`BrickworkError` (code that handles user errors must not swallow it) and not
+    a ``KeyboardInterrupt`` (typer would turn it into exit 130); the CLI exits with
+    128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
 class MergeComputationError(BrickworkError):
     """A merge method could not compute a tensor (e.g. degenerate input)."""
 

@@ -170,3 +170,21 @@ def test_writes_are_atomic_and_never_replace_inputs(bert_moe, tmp_path):
     with pytest.raises(CheckpointError, match="has no MoEBlock"):
         save_moe(dense, tmp_path / "dense")
     assert leftovers(tmp_path / "dense") == []
+
+
+def test_side_files_of_the_reference_are_carried_over_but_not_its_config(bert_moe, tmp_path):
+    dense, moe = bert_moe
+    ref = tmp_path / "ref"
+    dense.save_pretrained(ref)
+    (ref / "1_Pooling").mkdir()
+    (ref / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (ref / "2_Normalize").mkdir()
+    (ref / "modules.json").write_text("[]")
+    (ref / "preprocessor_config.json").write_text("{}")
+    out = save_moe(moe, tmp_path / "m", copy_from=ref)
+    assert (out / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
+    assert (out / "2_Normalize").is_dir() and (out / "modules.json").read_text() == "[]"
+    assert (out / "preprocessor_config.json").exists()
+    # the dense config stays base_config.json, and the dense weights are not copied over
+    assert not (out / "config.json").exists() and (out / "base_config.json").exists()
+    assert sorted(load_file(out / "model.safetensors")) == sorted(moe.state_dict())

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.reader import TensorInfo
-from ..checkpoint.writer import COPIED_FILES, CheckpointWriter
+from ..checkpoint.writer import CheckpointWriter
 from ..errors import CheckpointError, OutputExistsError, did_you_mean
 from .moe import MoEBlock, MoELayer
 
@@ -137,7 +137,8 @@ def save_moe(
 
     ``base_config``: the dense architecture's transformers config (default: ``model.config``
     for a transformers model; a generic module needs ``base=`` at load time instead).
-    ``copy_from``: a directory whose tokenizer / generation files are copied. ``inputs``:
+    ``copy_from``: a directory whose non-weight files (tokenizer, generation config, ...;
+    not its config.json) are carried over. ``inputs``:
     paths the output must not overlap (the output never replaces an input). ``provenance``:
     extra keys for ``brickwork.json`` (``kind``, ``settings``, ``inputs`` ...). The output
     appears atomically (temp dir + rename); ``force`` replaces an existing ``out``.
@@ -165,21 +166,26 @@ def save_moe(
     meta.setdefault("environment", environment())
     sd = model.state_dict()
     infos = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
-    with CheckpointWriter(out, infos, shard_size=shard_size, force=force) as w:
+    with CheckpointWriter(
+        out,
+        infos,
+        shard_size=shard_size,
+        force=force,
+        side_files=copy_from,
+        exclude=_NOT_COPIED,
+    ) as w:
         for k, v in sd.items():
             w.write(k, v)
         if config_text is not None:
             w.add_text(BASE_CONFIG, config_text.rstrip("\n") + "\n")
         w.add_text(META, json.dumps(meta, indent=2) + "\n")
         w.add_text("README.md", model_card or _card(meta))
-        if copy_from is not None:
-            w.copy_from(Path(copy_from), names=_SIDE_FILES)
     return out
 
 
-#: Files copied next to the weights: the writer's list, except the dense model's config.json
-#: (it is written as base_config.json, so transformers does not load the MoE as a dense model).
-_SIDE_FILES = tuple(f for f in COPIED_FILES if f != "config.json")
+#: Side files of ``copy_from`` that are not carried over: the dense model's config.json is
+#: written as base_config.json, so transformers does not load the MoE as a dense model.
+_NOT_COPIED = ("config.json",)
 
 
 def _card(meta: Mapping[str, Any]) -> str:

@@ -482,13 +482,14 @@ def _write(
     with (
         torch.no_grad(),
         bar,
-        CheckpointWriter(out, infos, shard_size=shard_size, force=force) as w,
+        CheckpointWriter(
+            out, infos, shard_size=shard_size, force=force, side_files=base.model_dir
+        ) as w,
     ):
         for j in jobs:
             w.write(j.info.name, j.compute())
             bar.update(j.info.nbytes)
         w.add_text("config.json", json.dumps(config, indent=2) + "\n")
-        w.copy_from(base.model_dir)
         record = {
             "kind": "route.upcycle",
             "format": settings["format"],
