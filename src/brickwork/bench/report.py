@@ -45,8 +45,10 @@ a rich table, and the environment (package versions, hardware).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -171,12 +173,14 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return f"{100 * v:.1f}" if pct else str(v)
 
 
-def _millions(v: int | None) -> str:
-    return "—" if v is None else f"{v / 1e6:.2f}"
-
-
-def _ms(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"
+def _sig(v: float | None, unit: float = 1.0) -> str:
+    """``v / unit`` to three significant digits without an exponent (0.0107, 5.83,
+    22.6, 124, 6738): a tiny model's latency is not ``0.01`` nor a 7B's size ``6.74e+03``."""
+    if v is None:
+        return "—"
+    x = v / unit
+    digits = 0 if x == 0 else min(max(2 - math.floor(math.log10(abs(x))), 0), 4)
+    return f"{x:.{digits}f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -210,11 +214,10 @@ def markdown(results: dict[str, Any]) -> str:
         if r["status"] != "ok":
             skipped.append(f"- `{r['method']}`: {r['reason']}")
             continue
-        hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
         cells = [
             f"`{r['method']}`", r["kind"], *(_fmt(r["per_task"][t]) for t in tasks),
-            _fmt(r["avg"]), _fmt(r["normalized"]), _millions(r["params"]),
-            _millions(r["active_params"]), _ms(r["latency_ms"]), f"{r['seconds']:.1f}", hp,
+            _fmt(r["avg"]), _fmt(r["normalized"]), _sig(r["params"], 1e6),
+            _sig(r["active_params"], 1e6), _sig(r["latency_ms"]), f"{r['seconds']:.1f}", _hp(r),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lin = next(
@@ -283,23 +286,120 @@ def write(results: dict[str, Any], out: Path) -> None:
     chart(results, out / "normalized.png")
 
 
-def print_table(results: dict[str, Any], console: Any) -> None:
-    from rich.table import Table
+def print_table(results: dict[str, Any], console: Any, *, out: Path | None = None) -> None:
+    """The results as a table that fits ``console.width``: columns by priority (method,
+    normalized, avg, per-task accuracy, active parameters, latency, then total parameters,
+    seconds and hyperparameters as width allows), each row on one line; below it the
+    hyperparameters that fit on a line each, skip reasons, and where the rest is
+    (``OUT/results.md`` has every column)."""
+    from rich.text import Text
 
+    from .._tables import fit, table
+
+    width, rows = console.width, results["rows"]
     tasks = [t["name"] for t in results["tasks"]]
-    table = Table(title=f"brickwork bench — {results['suite']} (test accuracy %)")
-    for c in ["method", *tasks, "avg", "norm.", "act. M", "ms", "s", "hyperparameters"]:
-        left = c in ("method", "hyperparameters")
-        table.add_column(c, justify="left" if left else "right", no_wrap=c == "method",
-                         overflow="ellipsis" if c == "hyperparameters" else "fold")  # fmt: skip
-    for r in results["rows"]:
+    abbrev = _abbreviations(tasks)
+    full = fit(_columns(results, {t: t for t in tasks}), width)
+    short = fit(_columns(results, abbrev), width)
+    kept, dropped = full if len(full[0]) >= len(short[0]) else short
+    shown = {c.header for c in kept}
+
+    def say(text: str, **kw: Any) -> None:
+        console.print(Text(text), **kw)
+
+    say(f"brickwork bench — {results['suite']}" + (" (quick)" if results["quick"] else "")
+        + ": test accuracy %", style="bold")  # fmt: skip
+    console.print(table(kept))
+    legend = [f"{a} = {t}" for t, a in abbrev.items() if a != t and a in shown and t not in shown]
+    if legend:
+        say("tasks: " + ", ".join(legend))
+    if keys := [f"{h}: {k}" for h, k in _COLUMN_KEYS if h in shown]:
+        say("; ".join(keys))
+    not_shown = [c.header for c in dropped if c.header != "hyperparameters"]
+    if "hyperparameters" not in shown:
+        lines, too_long = _hyperparameter_lines(rows, width)
+        if lines:
+            say("hyperparameters (chosen on validation):")
+            for line in lines:
+                say(line, soft_wrap=True)
+        if too_long:
+            not_shown.append("hyperparameters of " + ", ".join(too_long))
+    for r in rows:
         if r["status"] != "ok":
-            table.add_row(
-                r["method"], *["—"] * (len(tasks) + 5), f"skipped: {(r['reason'] or '')[:60]}"
-            )
-            continue
-        hp = ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
-        table.add_row(r["method"], *(_fmt(r["per_task"][t]) for t in tasks), _fmt(r["avg"]),
-                      _fmt(r["normalized"]), _millions(r["active_params"]), _ms(r["latency_ms"]),
-                      f"{r['seconds']:.1f}", hp)  # fmt: skip
-    console.print(table)
+            say(f"{r['method']} skipped: {r['reason'] or 'no reason given'}")
+    if not_shown:
+        say(f"not shown at {width} columns: {'; '.join(not_shown)}")
+        say(f"every column and hyperparameter: {'' if out is None else f'{out}/'}results.md")
+
+
+def _columns(results: dict[str, Any], names: dict[str, str]) -> list[Any]:
+    """The terminal table's columns in display order, with their priorities; ``names``:
+    each task's header."""
+    from .._tables import Column
+
+    rows, n = results["rows"], len(names)
+
+    def col(header: str, fmt: Any, priority: int) -> Column:
+        cells = [fmt(r) if r["status"] == "ok" else "—" for r in rows]
+        return Column(header, cells, "right", priority)
+
+    return [
+        Column("method", [r["method"] for r in rows], "left", 0),
+        *(col(names[t["name"]], lambda r, t=t["name"]: _fmt(r["per_task"][t]), 3 + i)
+          for i, t in enumerate(results["tasks"])),
+        col("avg", lambda r: _fmt(r["avg"]), 2),
+        col("norm.", lambda r: _fmt(r["normalized"]), 1),
+        col("params M", lambda r: _sig(r["params"], 1e6), n + 5),
+        col("act. M", lambda r: _sig(r["active_params"], 1e6), n + 3),
+        col("ms", lambda r: _sig(r["latency_ms"]), n + 4),
+        col("s", lambda r: f"{r['seconds']:.1f}", n + 6),
+        Column("hyperparameters", [_hp(r) for r in rows], "left", n + 7),
+    ]  # fmt: skip
+
+
+def _hyperparameter_lines(rows: list[dict[str, Any]], width: int) -> tuple[list[str], list[str]]:
+    """(``  method  k=v, ...`` lines that fit in ``width``, methods whose line does not)."""
+    from rich.cells import cell_len
+
+    pad = max(len(r["method"]) for r in rows)
+    lines, too_long = [], []
+    for r in rows:
+        if r["status"] == "ok" and r["hyperparameters"]:
+            line = f"  {r['method']:<{pad}}  {_hp(r)}"
+            if cell_len(line) <= width:
+                lines.append(line)
+            else:
+                too_long.append(r["method"])
+    return lines, too_long
+
+
+_COLUMN_KEYS = [
+    ("norm.", "accuracy ÷ individual's, averaged"),
+    ("act. M", "parameters one example passes through (M)"),
+    ("ms", "encoder latency per example"),
+    ("params M", "parameters serving every task (M)"),
+    ("s", "seconds this run"),
+]
+
+
+def _hp(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items())
+
+
+def _abbreviations(tasks: list[str]) -> dict[str, str]:
+    """Task name -> a column header of at most 5 cells (an accuracy is 5: ``100.0``):
+    names that short stay; ``noun_supersense`` -> ``nsup``, ``inverted`` -> ``inve``.
+    Falls back to ``t1``, ``t2``, ... if two would coincide."""
+    out = {}
+    for t in tasks:
+        parts = [p for p in re.split(r"[^0-9A-Za-z]+", t) if p]
+        if len(t) <= 5 or not parts:
+            out[t] = t
+        elif len(parts) == 1:
+            out[t] = t[:4]
+        else:
+            out[t] = ("".join(p[0] for p in parts[:-1]) + parts[-1][:3])[:5]
+    values = list(out.values())
+    if len(set(values)) < len(values) or any(a != t and a in out for t, a in out.items()):
+        return {t: f"t{i + 1}" for i, t in enumerate(tasks)}
+    return out

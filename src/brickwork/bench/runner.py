@@ -311,7 +311,7 @@ def _run_bench(
     report.validate(results)
     out = out or Path("bench-results") / f"{s.name}-{_dt.date.today().isoformat()}"
     report.write(results, out)
-    report.print_table(results, console)
+    report.print_table(results, console, out=out)
     console.print(f"results written to {out}/ (wall time {results['wall_seconds']:.0f} s)")
     return results
 
