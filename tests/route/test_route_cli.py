@@ -311,3 +311,23 @@ def test_mergekit_hidden_writes_mixtral_with_unit_router_rows(run_cli, tmp_path,
     gate = sd["model.layers.1.block_sparse_moe.gate.weight"].float()  # bf16 (experts, hidden)
     torch.testing.assert_close(gate.norm(dim=-1), torch.ones(2), atol=1e-2, rtol=1e-2)
     assert not torch.allclose(gate[0], gate[1])  # "math" and "code" prompts differ
+
+
+def test_upcycle_goes_through_the_writers_guarantees(run_cli, tmp_path, llama_family, monkeypatch):
+    """Space check and stale staging cleanup are the shared writer's, so route has them too."""
+    from brickwork.checkpoint import staging
+    from brickwork.checkpoint import writer as writer_mod
+
+    recipe = write_yaml(tmp_path / "moe.yaml", _brickwork(llama_family, top_k=1))
+    out = tmp_path / "out"
+    stale = tmp_path / (staging.staging_prefix(out) + "dead")
+    stale.mkdir()
+    (stale / staging.OWNER_FILE).write_text(json.dumps({**staging.owner_record(), "pid": -1}))
+    monkeypatch.setattr(writer_mod, "free_bytes", lambda path: 100)
+    code, _, err = run_cli("route", "upcycle", recipe, out)
+    assert code == 2 and "not enough free space" in err and str(out) in err
+    assert f"removed {stale}" in err and leftovers(out) == []
+    monkeypatch.undo()
+    code, _, err = run_cli("route", "upcycle", recipe, out)
+    assert code == 0, err
+    assert leftovers(out) == ["out"] and (out / "tokenizer_config.json").is_file()
