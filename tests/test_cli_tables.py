@@ -1,5 +1,5 @@
-"""``brickwork inspect`` fits an 80-column terminal without cutting a tensor name;
-wider terminals show more columns."""
+"""``brickwork inspect`` and ``brickwork methods`` fit an 80-column terminal without
+cutting a tensor name; wider terminals show more columns."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from brickwork.inspect import inspect_one, inspect_two
+from brickwork.merge.registry import get_method, list_methods
 
 
 def _llama_names(layers: int = 12) -> dict[str, tuple[int, ...]]:
@@ -116,3 +117,28 @@ def test_inspect_cli_at_80_columns(run_cli, llama_family, monkeypatch):
     code, out, err = run_cli("inspect", llama_family.ft1, llama_family.ft2)
     assert code == 0, err
     assert all(len(line) <= 80 for line in out.splitlines()) and "…" not in out
+
+
+def test_methods_fits_80_columns(run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run_cli("methods")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert "…" not in out
+    starts = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    for name in list_methods():
+        assert name in starts, name  # each method's row starts with its name
+    flat = " ".join(out.split())
+    for name in list_methods():  # parameters and reference, wrapped at spaces
+        assert " ".join(get_method(name).reference.split()) in flat
+
+
+def test_methods_wide_is_one_line_per_method(run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run_cli("methods", "--wide")
+    assert code == 0, err
+    for name in list_methods():
+        m = get_method(name)
+        row = [line for line in out.splitlines() if line.startswith(name + " ")]
+        assert len(row) == 1 and m.reference in row[0], name

@@ -50,38 +50,52 @@ def merge(
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide", help="one line per method, every column apart (wider than the terminal)"
+        ),
+    ] = False,
+) -> None:
     """List every merge method with its parameters, defaults and whether it needs a base model."""
+    from rich import box
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     from .merge.registry import get_method, list_methods
 
-    table = Table(title="merge methods", show_lines=False)
-    for col in (
-        "method",
-        "base",
-        "seeded",
-        "per-model parameters",
-        "global parameters",
-        "reference",
-    ):
-        table.add_column(col, overflow="fold")
-
     def fmt(ps) -> str:
-        return ", ".join(f"{p.name}={'required' if p.required else p.default}" for p in ps) or "-"
+        return ", ".join(f"{p.name}={'required' if p.required else p.default}" for p in ps)
 
+    wide_cols = ["method", "base", "seeded", "per-model parameters", "global parameters",
+                 "reference"]  # fmt: skip
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                  show_lines=not wide)  # SIMPLE_HEAD's row lines are blank  # fmt: skip
+    for col in wide_cols if wide else ["method", "base", "seeded", "parameters · reference"]:
+        table.add_column(col, no_wrap=wide or col != "parameters · reference")
     for name in list_methods():
         m = get_method(name)
-        table.add_row(
-            name,
-            m.base,
-            "yes" if m.seeded else "no",
-            fmt(m.per_model_params),
-            fmt(m.global_params),
-            m.reference,
-        )
-    Console(width=max(160, Console().width)).print(table)
+        per_model, glob = fmt(m.per_model_params), fmt(m.global_params)
+        cells = [name, m.base, "yes" if m.seeded else "no"]
+        if wide:
+            table.add_row(*cells, per_model or "-", glob or "-", m.reference)
+            continue
+        text = Text()
+        for label, value in (("per model: ", per_model), ("global: ", glob)):
+            if value:
+                text.append(label, style="dim").append(value + "\n")
+        table.add_row(*cells, text.append(m.reference, style="italic"))
+    console = Console()
+    if wide:  # as wide as the table: pipe it to `less -S`, or let the terminal wrap
+        natural = Measurement.get(console, console.options.update_width(10_000), table)
+        console = Console(width=max(console.width, natural.maximum))
+    console.print(
+        Text("merge methods (base: needs a base model; seeded: draws random numbers, --seed)")
+    )
+    console.print(table)
 
 
 @app.command()
