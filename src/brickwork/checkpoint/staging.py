@@ -94,7 +94,7 @@ def owner_state(record: dict[str, Any]) -> str:
     if record.get("boot_id") and boot and record["boot_id"] != boot:
         return "dead"  # the machine rebooted since (power loss)
     pid = record.get("pid")
-    if not isinstance(pid, int) or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):  # never kill(-1, 0)
         return "dead"
     ticks = record.get("start_ticks")
     if ticks is not None and _start_ticks(pid) not in (None, ticks):
