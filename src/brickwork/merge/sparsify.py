@@ -1,6 +1,8 @@
 """Sparsification of task vectors and sign consensus, shared by the task-arithmetic family.
 
 All functions take and return float tensors of one shape and never modify their input.
+Random draws come from a CPU generator and are moved to the tensor's device, so a seed gives
+the same masks on every device.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def random_drop(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    keep = torch.rand(delta.shape, generator=generator).to(delta.device) < density
     out = delta * keep
     return out / density if rescale else out
 
@@ -91,7 +93,7 @@ def magprune(
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(rows.dtype)  # 0 = smallest
     frac = ranks / max(m - 1, 1)
     p_keep = (density - epsilon) + 2 * epsilon * frac  # (rows, m)
-    keep = torch.rand(rows.shape, generator=generator, device=rows.device) < p_keep
+    keep = torch.rand(rows.shape, generator=generator).to(rows.device) < p_keep
     out = rows * keep
     if rescale:
         out = out / p_keep

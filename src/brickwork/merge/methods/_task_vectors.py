@@ -27,12 +27,12 @@ def combine_task_vectors(
     """
     if not tensors:
         return base.clone()
-    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype)  # (models, *shape)
+    deltas = base.new_empty((len(tensors), *base.shape))  # (models, *shape)
     for i, t in enumerate(tensors):  # filled in place: no stacked temporaries
         torch.sub(t, base, out=deltas[i])
         if sparsify is not None:
             deltas[i] = sparsify(deltas[i], i)
-    w = torch.tensor(list(weight), dtype=deltas.dtype).reshape(
+    w = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device).reshape(
         -1, *([1] * base.ndim)
     )  # (models, 1, ...)
     deltas.mul_(w)

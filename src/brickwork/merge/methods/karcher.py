@@ -22,7 +22,7 @@ def karcher(
 ) -> torch.Tensor:
     """N-model spherical mean: the weighted Karcher (Fréchet) mean of the directions on the
     unit sphere, scaled by the weighted mean norm. Two models with equal weights give slerp(½)."""
-    w = torch.tensor(list(weight), dtype=torch.float64)
+    w = torch.tensor(list(weight), dtype=torch.float64, device=tensors[0].device)
     w = w / w.sum()
     flat = [t.reshape(-1).to(torch.float64) for t in tensors]
     norms = torch.stack([torch.linalg.vector_norm(f) for f in flat])

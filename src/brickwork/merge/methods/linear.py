@@ -10,10 +10,15 @@ from ._params import Weight
 def linear(
     tensors: list[torch.Tensor], *, weight: Weight = 1.0, normalize: bool = True
 ) -> torch.Tensor:
-    """Weighted average of the models: Σ w_i θ_i / Σ w_i (plain sum when not normalized)."""
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weight):
-        out.addcmul_(t, torch.tensor(w, dtype=t.dtype))
+    """Weighted average of the models: Σ w_i θ_i / Σ w_i (plain sum when not normalized).
+    Accumulated in float32 (float64 for float64 inputs) whatever the compute dtype, as
+    mergekit does; returned in the compute dtype."""
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    w = torch.tensor(list(weight), dtype=dtype, device=first.device)  # (models,)
+    out = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for t, wi in zip(tensors, w):
+        out.addcmul_(t, wi)
     if normalize:
-        out.div_(sum(weight))
-    return out
+        out.div_(w.sum())
+    return out.to(first.dtype)

@@ -24,13 +24,14 @@ def slerp_pair(
     The angle comes from the normalised vectors; the interpolation weights
     sin((1−t)Ω)/sin Ω and sin(tΩ)/sin Ω are applied to the original (unnormalised)
     tensors. Nearly collinear pairs (|cos Ω| > ``dot_threshold``) fall back to lerp.
-    Computed in float32 (float64 for float64 inputs), in chunks of ``_CHUNK`` elements.
+    Computed in float32 (float64 for float64 inputs), in chunks of ``_CHUNK`` elements;
+    returned in the inputs' dtype (as mergekit).
     """
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, n)
-    tt = torch.tensor([[t]], dtype=dtype)  # (1, 1)
+    tt = torch.tensor([[t]], dtype=dtype, device=v0.device)  # (1, 1)
     if not a.shape[1]:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape)
+        return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
     spans = [(i, i + _CHUNK) for i in range(0, a.shape[1], _CHUNK)]
 
     def norm(x: torch.Tensor) -> torch.Tensor:  # (1, 1): norm of the chunks' norms
@@ -51,7 +52,7 @@ def slerp_pair(
     s = torch.sin(theta)
     ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / s)
     cb = torch.where(linear, tt, torch.sin(tt * theta) / s)
-    out = torch.empty(a.shape, dtype=dtype)  # (1, n)
+    out = torch.empty(a.shape, dtype=v0.dtype, device=v0.device)  # (1, n)
     for i, j in spans:
         out[:, i:j] = ca * a[:, i:j].to(dtype) + cb * b[:, i:j].to(dtype)
     return out.reshape(v0.shape)
