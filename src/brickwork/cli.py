@@ -35,6 +35,17 @@ def merge(
     ] = None,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    compute_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="dtype the methods compute in: float32, float64, bfloat16, float16, or input "
+            "(each tensor's own); default: the recipe's (brickwork: float32; mergekit: its dtype)"
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(help="where tensors are computed: cpu, cuda, cuda:N, or auto (cuda if any)"),
+    ] = "cpu",
 ) -> None:
     """Merge the checkpoints a RECIPE names into one model at OUT."""
     import time
@@ -43,7 +54,15 @@ def merge(
 
     t0 = time.perf_counter()
     path = do_merge(
-        recipe, out, dtype=dtype, shard_size=shard_size, seed=seed, force=force, progress=not quiet
+        recipe,
+        out,
+        dtype=dtype,
+        shard_size=shard_size,
+        seed=seed,
+        force=force,
+        progress=not quiet,
+        compute_dtype=compute_dtype,
+        device=device,
     )
     if not quiet:
         typer.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")

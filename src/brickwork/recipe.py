@@ -15,15 +15,18 @@ brickwork recipe (``method:`` key)::
         - {filter: self_attn, value: 0.7}
         - {value: 1.0}
     dtype: bfloat16              # output dtype (default: each tensor's dtype in the base)
-    compute_dtype: float32       # math is done in this dtype
+    compute_dtype: float32       # the dtype methods compute in: float32 (default), float64,
+                                 # bfloat16, float16, or input (each tensor's own dtype)
     seed: 0                      # for seeded methods (dare_*, della*)
     on_missing: error            # a tensor absent from some models: error | base | skip
 
 ``slices:`` (layer ranges of several models stacked, as mergekit) replaces ``models:``.
 
 A mergekit recipe (``merge_method:`` key) is read as it is and converted: ``base_model``
-→ ``base``, ``out_dtype`` (else ``dtype``) → ``dtype``. brickwork always computes in
-``compute_dtype`` (float32): mergekit computes some methods in the recipe's ``dtype``.
+→ ``base``, ``out_dtype`` (else ``dtype``) → ``dtype``, and it keeps mergekit's arithmetic:
+mergekit's ``dtype`` (if absent: each tensor's own dtype) → ``compute_dtype``, so
+task arithmetic, TIES and model stock compute in bfloat16 for ``dtype: bfloat16`` as mergekit
+does (linear and slerp accumulate in float32 whatever the compute dtype, as in mergekit).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from .merge.registry import MergeMethod, get_method
 
 Scalar = Union[bool, int, float, str]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+#: The dtype merge methods receive their tensors in; "input": each tensor's own dtype
+#: (promoted across the models), which is what mergekit does without ``dtype:``.
+ComputeDType = Literal["float32", "float64", "bfloat16", "float16", "input"]
 
 
 class _Strict(BaseModel):
@@ -78,7 +84,7 @@ class MergeRecipe(_Strict):
     slices: list[Slice] | None = None
     parameters: Params = Field(default_factory=dict)
     dtype: DType | None = None
-    compute_dtype: Literal["float32", "float64"] = "float32"
+    compute_dtype: ComputeDType = "float32"
     seed: int = 0
     on_missing: Literal["error", "base", "skip"] = "error"
 
@@ -177,6 +183,7 @@ class MergekitRecipe(_Strict):
             "float": "float32",
         }
         if out is not None:
+            out = out.removeprefix("torch.")
             out = aliases.get(out, out)
             if out not in dtypes:
                 raise RecipeError(
@@ -189,8 +196,21 @@ class MergekitRecipe(_Strict):
             slices=self.slices,
             parameters=self.parameters,
             dtype=out,
-            compute_dtype="float64" if self.dtype == "float64" else "float32",
+            compute_dtype=self._compute_dtype(aliases, dtypes),
         )
+
+    def _compute_dtype(self, aliases: dict[str, str], dtypes: set[str]) -> str:
+        """mergekit converts every input to ``dtype`` as it loads it (keeps its own dtype
+        without one) and computes in it; its linear and slerp upcast to float32 inside."""
+        if self.dtype is None:
+            return "input"
+        name = self.dtype.removeprefix("torch.")
+        name = aliases.get(name, name)
+        if name not in dtypes:
+            raise RecipeError(
+                f"dtype '{self.dtype}' is not one of float32, float16, bfloat16, float64 (or fp32, fp16, bf16)"
+            )
+        return name
 
 
 def _leaves(setting: Any) -> list[Any]:

@@ -18,7 +18,7 @@ from ..checkpoint.reader import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import CheckpointError, OutputExistsError
 from ..recipe import MergeRecipe, ModelEntry, load_recipe, parse_recipe
-from .executor import execute
+from .executor import execute, resolve_device
 from .plan import _DTYPES, Plan, build_plan
 
 
@@ -38,6 +38,11 @@ def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Chec
             raise CheckpointError(f"model '{key}': no such file or directory.{hint}")
         ckpts[key] = open_checkpoint(p)
     return ckpts
+
+
+def _compute_dtype(recipe: MergeRecipe) -> torch.dtype | None:
+    """The recipe's compute dtype as a torch dtype; ``None`` for "input" (each tensor's own)."""
+    return None if recipe.compute_dtype == "input" else _DTYPES[recipe.compute_dtype]
 
 
 def check_output_is_not_input(out: Path, ckpts: Mapping[str, Checkpoint]) -> None:
@@ -120,10 +125,15 @@ def merge(
     seed: int | None = None,
     force: bool = False,
     progress: bool = True,
+    compute_dtype: str | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Merge checkpoints on disk as ``recipe`` says and write a model directory at ``out``.
 
     ``recipe`` is a :class:`MergeRecipe`, a dict, or a YAML path (brickwork or mergekit form).
+    ``dtype`` (output) and ``compute_dtype`` (float32, float64, bfloat16, float16 or input)
+    override the recipe's. ``device``: where each tensor is computed — cpu (default), cuda,
+    cuda:N, or auto (cuda if available); reading and writing stay on the CPU.
     The output appears atomically; on any error nothing is left at ``out``.
     """
     recipe_dir = None
@@ -136,6 +146,11 @@ def merge(
         recipe = recipe.model_copy(update={"seed": seed})
     if dtype is not None:
         recipe = parse_recipe({**recipe.model_dump(), "dtype": dtype}, source="--dtype")
+    if compute_dtype is not None:
+        recipe = parse_recipe(
+            {**recipe.model_dump(), "compute_dtype": compute_dtype}, source="--compute-dtype"
+        )
+    dev = resolve_device(device)  # before any file is opened: a bad --device fails fast
     out = Path(out)
     ckpts = _open_models(recipe, recipe_dir)
     check_output_is_not_input(out, ckpts)
@@ -151,7 +166,8 @@ def merge(
                 ckpts,
                 writer,
                 seed=recipe.seed,
-                compute_dtype=_DTYPES[recipe.compute_dtype],
+                compute_dtype=_compute_dtype(recipe),
+                device=dev,
                 progress=progress,
             )
             ref = ckpts[plan.reference]
@@ -208,12 +224,17 @@ def merge_state_dicts(
     seed: int = 0,
     dtype: str | None = None,
     on_missing: str = "error",
+    compute_dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts (or modules' state dicts); returns a new state dict.
 
     ``parameters`` are global (per-model parameters given here apply to every model);
     ``model_parameters[i]`` are model ``i``'s own. Inputs are never modified.
+    ``compute_dtype``: float32 (default), float64, bfloat16, float16 or input (each tensor's
+    own dtype). ``device``: cpu (default), cuda, cuda:N or auto; results are on the CPU.
     """
+    dev = resolve_device(device)
     model_parameters = list(model_parameters or [{}] * len(models))
     if len(model_parameters) != len(models):
         raise ValueError(
@@ -242,6 +263,7 @@ def merge_state_dicts(
             "parameters": dict(parameters or {}),
             "seed": seed,
             "dtype": dtype,
+            "compute_dtype": compute_dtype,
             "on_missing": on_missing,
         },
         source=f"merge_state_dicts('{method}')",
@@ -249,7 +271,13 @@ def merge_state_dicts(
     plan = build_plan(recipe, ckpts)
     sink = _DictSink(ckpts)
     execute(
-        plan, ckpts, sink, seed=seed, compute_dtype=_DTYPES[recipe.compute_dtype], progress=False
+        plan,
+        ckpts,
+        sink,
+        seed=seed,
+        compute_dtype=_compute_dtype(recipe),
+        device=dev,
+        progress=False,
     )
     return sink.tensors
 

@@ -2,8 +2,10 @@
 
 Peak memory is a few tensors × the number of inputs, whatever the model size: inputs are
 read one tensor at a time, each output tensor goes straight to the writer, nothing is
-accumulated. The next job's inputs are read (and converted to the compute dtype) on a
-second thread while the current one computes; file reads and torch ops release the GIL.
+accumulated. The next job's inputs are read (and moved to the compute device and dtype) on
+a second thread while the current one computes; file reads and torch ops release the GIL.
+With ``device="cuda"`` inputs are read on the CPU, moved to the GPU, computed there, and
+the output comes back to the CPU (in its output dtype) for the sink.
 """
 
 from __future__ import annotations
@@ -32,15 +34,59 @@ def tensor_seed(seed: int, name: str) -> int:
 Loaded = tuple[list[torch.Tensor], torch.Tensor | None]
 
 
-def load_inputs(job: Job, ckpts: dict[str, Checkpoint], *, compute_dtype: torch.dtype) -> Loaded:
-    """Read a job's input tensors (and base) in the compute dtype; copies are read as they are."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (cuda when available, else cpu) as a device;
+    cuda without a usable GPU is an error that says what to do."""
+    name = "cpu" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BrickworkError(
+            f"--device / device={name!r} is not a device; use cpu, cuda, cuda:N or auto."
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BrickworkError(
+            f"--device / device={name!r}: no CUDA GPU is available to torch "
+            f"{torch.__version__} (torch.cuda.is_available() is False). Use --device cpu "
+            "(the default) or auto, or install a CUDA build of torch on a machine with a GPU."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BrickworkError(
+            f"--device / device={name!r}: only {torch.cuda.device_count()} CUDA device(s) "
+            "are visible; use cuda:0 ... or auto."
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise BrickworkError(f"--device / device={name!r}: use cpu, cuda, cuda:N or auto.")
+    return dev
+
+
+def load_inputs(
+    job: Job,
+    ckpts: dict[str, Checkpoint],
+    *,
+    compute_dtype: torch.dtype | None,
+    device: torch.device | None = None,
+) -> Loaded:
+    """Read a job's input tensors (and base) on the CPU and move them to ``device`` in the
+    compute dtype (``None``: the inputs' own dtype, promoted across them, as mergekit without
+    ``dtype:``). Copies are read as they are and stay on the CPU. A tensor already in the
+    compute dtype on the right device is used as read, without a copy."""
     if job.copy is not None:
         return [ckpts[job.copy.model].get(job.copy.name)], None
-    tensors = [ckpts[s.model].get(s.name).to(compute_dtype) for s in job.inputs]
-    base = None
-    if job.base is not None:
-        base = ckpts[job.base.model].get(job.base.name).to(compute_dtype)
-    return tensors, base
+    raw = [ckpts[s.model].get(s.name) for s in job.inputs]
+    base = ckpts[job.base.model].get(job.base.name) if job.base is not None else None
+    dtype = compute_dtype
+    if dtype is None:
+        dtype = raw[0].dtype
+        for t in [*raw[1:], *([base] if base is not None else [])]:
+            dtype = torch.promote_types(dtype, t.dtype)
+
+    def move(t: torch.Tensor) -> torch.Tensor:  # to the device first: a smaller transfer
+        return t.to(device).to(dtype) if device is not None else t.to(dtype)
+
+    return [move(t) for t in raw], (move(base) if base is not None else None)
 
 
 def run_job(
@@ -49,17 +95,18 @@ def run_job(
     ckpts: dict[str, Checkpoint],
     *,
     seed: int,
-    compute_dtype: torch.dtype,
+    compute_dtype: torch.dtype | None,
+    device: torch.device | None = None,
     loaded: Loaded | None = None,
 ) -> torch.Tensor:
-    tensors, base = loaded or load_inputs(job, ckpts, compute_dtype=compute_dtype)
+    tensors, base = loaded or load_inputs(job, ckpts, compute_dtype=compute_dtype, device=device)
     if job.copy is not None:
         return tensors[0]
     method = plan.method
     kwargs = resolve_parameters(method, job)
     if base is not None:
         kwargs["base"] = base
-    if method.seeded:
+    if method.seeded:  # a CPU generator on every device: the same random draws everywhere
         kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed, job.info.name))
     try:
         out = method.func(tensors, **kwargs)
@@ -82,11 +129,20 @@ def execute(
     sink: Sink,
     *,
     seed: int = 0,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device | None = None,
     progress: bool = True,
     on_tensor: Callable[[Job], None] | None = None,
 ) -> None:
+    """Run every job of ``plan``, handing each output (on the CPU) to ``sink``.
+
+    ``compute_dtype``: the dtype the methods receive (``None``: each tensor's own, promoted);
+    ``device``: cpu (default), cuda, cuda:N or auto (see :func:`resolve_device`).
+    """
     from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    to_dev = None if dev.type == "cpu" else dev
 
     total = sum(j.info.nbytes for j in plan.jobs)
     bar = tqdm(
@@ -104,7 +160,7 @@ def execute(
 
     def load(job: Job) -> Loaded:
         with torch.no_grad():
-            return load_inputs(job, ckpts, compute_dtype=compute_dtype)
+            return load_inputs(job, ckpts, compute_dtype=compute_dtype, device=to_dev)
 
     with torch.no_grad(), bar, ThreadPoolExecutor(max_workers=1) as pool:
         jobs = plan.jobs
@@ -112,9 +168,17 @@ def execute(
         for i, job in enumerate(jobs):
             loaded = pending.result()
             pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
-            out = run_job(plan, job, ckpts, seed=seed, compute_dtype=compute_dtype, loaded=loaded)
+            out = run_job(
+                plan,
+                job,
+                ckpts,
+                seed=seed,
+                compute_dtype=compute_dtype,
+                device=to_dev,
+                loaded=loaded,
+            )
             del loaded
-            sink.write(job.info.name, out.to(job.info.dtype))
+            sink.write(job.info.name, out.to(job.info.dtype).cpu())
             del out
             if on_tensor is not None:
                 on_tensor(job)
