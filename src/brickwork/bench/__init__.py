@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"MissingDataError": ".data", "run_bench": ".runner"}
+_EXPORTS = {"MissingDataError": ".data", "run_bench": ".runner", "run_lm_bench": ".lm"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -13,7 +13,7 @@ def _split(v: str | None) -> list[str] | None:
 
 
 def bench(
-    suite: str = typer.Option("text", "--suite", help="Suite: text (default) or digits."),
+    suite: str = typer.Option("text", "--suite", help="Suite: text (default), digits or lm."),
     out: Path | None = typer.Option(
         None, "--out", help="Output directory (default: bench-results/SUITE-DATE)."
     ),
@@ -36,6 +36,12 @@ def bench(
 ) -> None:
     """Fine-tune (cached), merge with every method, build MoEs of the fine-tunes, evaluate;
     write JSON, Markdown and a chart."""
+    if suite == "lm":  # the language-model suite has its own runner (bench/lm.py)
+        from .lm import run_lm_bench
+
+        run_lm_bench(out=out, quick=quick, tasks=_split(tasks), methods=_split(methods),
+                     seed=seed, moe=not no_moe, jobs=jobs, threads=threads)  # fmt: skip
+        return
     from .runner import run_bench
 
     run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods),
