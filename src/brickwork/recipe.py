@@ -32,54 +32,112 @@ does (linear and slerp accumulate in float32 whatever the compute dtype, as in m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import RecipeError, did_you_mean
-from .merge.registry import MergeMethod, get_method
+from .merge.registry import MergeMethod, brief, get_method
 
-Scalar = Union[bool, int, float, str]
+
+def _scalar(v: Any) -> bool | int | float | str:
+    if isinstance(v, bool | int | float | str):
+        return v
+    kind = {type(None): "null", dict: "a mapping", list: "a list"}.get(type(v), type(v).__name__)
+    raise ValueError(f"expected a number, a string or true/false, got {kind}")
+
+
+# One validator, not a union of four: a wrong value gets one error, not one per type.
+Scalar = Annotated[Union[bool, int, float, str], PlainValidator(_scalar)]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 #: The dtype merge methods receive their tensors in; "input": each tensor's own dtype
 #: (promoted across the models), which is what mergekit does without ``dtype:``.
 ComputeDType = Literal["float32", "float64", "bfloat16", "float16", "input"]
+Gradient = Annotated[list[Scalar], Field(min_length=1)]  # values interpolated over layers
+#: A path in a recipe (a model directory or file, a text file): never empty.
+ModelPath = Annotated[str, Field(min_length=1)]
+
+
+def _setting_kind(v: Any) -> str:
+    """Which form of a parameter setting ``v`` is, from its shape, so that pydantic reports
+    the errors of that form only."""
+    if isinstance(v, dict | Condition):
+        return "condition"
+    if isinstance(v, list):
+        return "conditions" if v and isinstance(v[0], dict | Condition) else "gradient"
+    return "scalar"
 
 
 class _Strict(BaseModel):
+    """Strict recipe models. Their string fields are names, paths and dtypes: one line each.
+    A control character there is a mistake (a YAML block scalar, a pasted newline) and would
+    break the error messages that quote it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _printable(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(v, str) and not v.isprintable():
+                    raise ValueError(
+                        f"{brief(k)} = {brief(v)} holds a non-printable character (newline, "
+                        "tab, ...); names and paths are one line"
+                    )
+        return data
 
 
 class Condition(_Strict):
     filter: str | None = None
-    value: Union[Scalar, list[Scalar]]
+    value: Annotated[
+        Union[Annotated[Scalar, Tag("scalar")], Annotated[Gradient, Tag("gradient")]],
+        Discriminator(lambda v: "gradient" if isinstance(v, list) else "scalar"),
+    ]
 
 
-ParamSetting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+ParamSetting = Annotated[
+    Union[
+        Annotated[Scalar, Tag("scalar")],
+        Annotated[Gradient, Tag("gradient")],
+        Annotated[Condition, Tag("condition")],
+        Annotated[list[Condition], Tag("conditions")],
+    ],
+    Discriminator(_setting_kind),
+]
 Params = dict[str, ParamSetting]
 
 
 class ModelEntry(_Strict):
-    model: str
+    model: ModelPath
     parameters: Params = Field(default_factory=dict)
 
 
 class SliceSource(_Strict):
-    model: str
+    model: ModelPath
     layer_range: tuple[int, int]
     parameters: Params = Field(default_factory=dict)
 
 
 class Slice(_Strict):
     sources: list[SliceSource] = Field(min_length=1)
-    base_model: str | None = None
+    base_model: ModelPath | None = None
     parameters: Params = Field(default_factory=dict)
 
 
 class MergeRecipe(_Strict):
     method: str
-    base: str | None = None
+    base: ModelPath | None = None
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
     parameters: Params = Field(default_factory=dict)
@@ -95,6 +153,8 @@ class MergeRecipe(_Strict):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty; list at least one model")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty; list at least one slice")
         _check_params(m, self.parameters, "parameters", per_model_ok=True)
         for i, e in enumerate(self.models or []):
             _check_params(
@@ -149,7 +209,7 @@ class MergekitRecipe(_Strict):
     """The subset of mergekit's configuration that brickwork reproduces."""
 
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelPath | None = None
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
     parameters: Params = Field(default_factory=dict)
@@ -234,7 +294,7 @@ def _check_params(
         if key not in names:
             known = ", ".join(names) or "none"
             raise RecipeError(
-                f"{where}: '{key}' is not a parameter of method '{m.name}' (its parameters: {known}).{did_you_mean(key, names)}"
+                f"{where}: {brief(key)} is not a parameter of method '{m.name}' (its parameters: {known}).{did_you_mean(key, names)}"
             )
         spec = m.param(key)
         if not spec.per_model and not global_ok:
@@ -254,6 +314,16 @@ _KNOWN_KEYS = sorted(
 )
 
 
+#: Tags of the forms of a parameter setting (see ``_setting_kind``): left out of locations,
+#: except where they are a key of a parameters mapping.
+_FORM_TAGS = ("scalar", "gradient", "condition", "conditions")
+_PARAM_KEYS = ("parameters", "merge_parameters")
+
+
+def _loc(parts: list[Any]) -> str:
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in parts).removeprefix(".")
+
+
 def format_validation_error(
     e: ValidationError, source: str, *, known_keys: list[str], kind: str = "recipe"
 ) -> RecipeError:
@@ -261,17 +331,30 @@ def format_validation_error(
     misspelt key the nearest of ``known_keys``. Unknown keys are listed first."""
     lines = []
     for err in e.errors():
-        parts = [x for x in err["loc"] if not str(x).startswith(("function-", "tagged-union"))]
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in parts).removeprefix(".")
+        loc_in = err["loc"]
+        parts = [
+            x if isinstance(x, int) or x.isprintable() else brief(x)
+            for i, x in enumerate(loc_in)
+            if not str(x).startswith(("function-", "tagged-union"))
+            and not (x in _FORM_TAGS and i and loc_in[i - 1] not in _PARAM_KEYS)
+        ]
         if err["type"] == "extra_forbidden":
-            key = str(err["loc"][-1])
-            lines.append(f"{loc}: unknown key '{key}'.{did_you_mean(key, known_keys)}")
-        elif err["type"] == "missing":
+            key = str(loc_in[-1])
+            where = _loc(parts[:-1])  # the mapping that holds the key
+            hint = (
+                " It belongs to another part of the recipe."
+                if key in known_keys
+                else did_you_mean(key, known_keys)
+            )
+            lines.append(f"{where + ': ' if where else ''}unknown key {brief(key)}.{hint}")
+            continue
+        loc = _loc(parts)
+        if err["type"] == "missing":
             lines.append(f"{loc}: required field is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {brief(got)})"
             lines.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
     uniq = sorted(dict.fromkeys(lines), key=lambda line: "unknown key" not in line)
     return RecipeError(f"{source}: invalid {kind}:\n  " + "\n  ".join(uniq[:8]))
@@ -281,9 +364,14 @@ def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; unreadable files and syntax errors name the file and the line."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"{p}: cannot read the recipe ({e.strerror}).") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{p}: not a YAML recipe: byte {e.object[e.start]:#04x} at offset {e.start} is not "
+            "UTF-8 text (is it a binary file?)."
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -300,13 +388,15 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> MergeRecipe:
         raise RecipeError(
             f"{source}: a recipe is a mapping with a 'method' (or mergekit 'merge_method') key, got {type(data).__name__}."
         )
+    if "merge_method" not in data and "method" not in data:
+        hints = (did_you_mean(k, ["method", "merge_method"]) for k in data if isinstance(k, str))
+        raise RecipeError(
+            f"{source}: the recipe has no 'method' key (or 'merge_method' for a mergekit "
+            f"recipe).{next((h for h in hints if h), '')}"
+        )
     try:
         if "merge_method" in data:
             return MergekitRecipe.model_validate(data).to_native()
-        if "method" not in data:
-            raise RecipeError(
-                f"{source}: the recipe has no 'method' key (or 'merge_method' for a mergekit recipe)."
-            )
         return MergeRecipe.model_validate(data)
     except ValidationError as e:
         raise format_validation_error(e, source, known_keys=_KNOWN_KEYS) from None

@@ -50,14 +50,29 @@ class Plan:
     num_layers: int | None  # output layer count when it changed (slices), else None
 
 
+_ON_MISSING = (
+    " (set on_missing: base to copy them from the base, or skip to merge the models that have them)"
+)
+
+
 class _Problems:
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.missing: dict[tuple[str, str, str], list[str]] = {}  # (has, lacks, hint) -> names
 
     def add(self, line: str) -> None:
         self.lines.append(line)
 
+    def add_missing(self, name: str, has: str, lacks: str, *, hint: str = _ON_MISSING) -> None:
+        self.missing.setdefault((has, lacks, hint), []).append(name)
+
     def raise_if_any(self) -> None:
+        # one line per pair of models for missing tensors: a model of another architecture
+        # lacks all of them, and one line per tensor would hide every other problem
+        for (has, lacks, hint), names in self.missing.items():
+            eg = ", ".join(f"'{n}'" for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            self.lines.append(f"{lacks} lacks {len(names)} tensor(s) that {has} has: {eg}{hint}")
+        self.missing = {}
         if self.lines:
             shown = self.lines[:12]
             more = f"\n  ... and {len(self.lines) - 12} more" if len(self.lines) > 12 else ""
@@ -106,10 +121,7 @@ class _Planner:
                     src = Source(src.model, tied)
             if src.name not in ck:
                 if self.recipe.on_missing == "error":
-                    self.problems.add(
-                        f"tensor '{src.name}' is in {ref.model} but not in {src.model} "
-                        "(set on_missing: base to copy it from the base, or skip to merge the models that have it)"
-                    )
+                    self.problems.add_missing(src.name, ref.model, src.model)
                 continue
             shape = ck.info(src.name).shape
             if shape != rinfo.shape:
@@ -121,9 +133,7 @@ class _Planner:
         if base is not None:
             bck = self.ckpts[base.model]
             if base.name not in bck:
-                self.problems.add(
-                    f"tensor '{base.name}' is missing from the base model {base.model}"
-                )
+                self.problems.add_missing(base.name, ref.model, f"the base {base.model}", hint="")
                 return
             if bck.info(base.name).shape != rinfo.shape:
                 self.problems.add(

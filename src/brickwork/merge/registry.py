@@ -19,6 +19,7 @@ The decorator reads the signature (STYLE.md §1):
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import TypeAdapter, ValidationError
 
 from ..errors import RecipeError, unknown_name
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters for an error message."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[: limit - 15]}...{r[-10:]} ({len(r)} characters)"
 
 
 class _PerModelMarker:
@@ -59,12 +66,17 @@ class ParamSpec:
 
     def validate(self, value: Any, *, where: str) -> Any:
         try:
-            return self.adapter.validate_python(value)
+            out = self.adapter.validate_python(value)
         except ValidationError as e:
             msg = "; ".join(err["msg"] for err in e.errors())
             raise RecipeError(
-                f"{where}: parameter '{self.name}' = {value!r} is invalid: {msg}."
+                f"{where}: parameter '{self.name}' = {brief(value)} is invalid: {msg}."
             ) from None
+        if isinstance(out, float) and not math.isfinite(out):
+            raise RecipeError(
+                f"{where}: parameter '{self.name}' = {out!r} is invalid: give a finite number."
+            )
+        return out
 
     def type_name(self) -> str:
         ann = self.annotation
@@ -182,7 +194,8 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise unknown_name("merge method", name, _REGISTRY) from None
+        shown = name if isinstance(name, str) and name.isprintable() else repr(name)[1:-1]
+        raise unknown_name("merge method", shown, _REGISTRY) from None
 
 
 def list_methods() -> list[str]:

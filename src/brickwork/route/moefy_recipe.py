@@ -33,18 +33,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..errors import CheckpointError, OutputExistsError, RecipeError
-from ..recipe import format_validation_error, read_yaml
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from ..recipe import ModelPath, _Strict, format_validation_error, read_yaml
 
 
 class Calibration(_Strict):
-    text: str
+    text: ModelPath
     lines: int = Field(default=256, ge=1)
     max_length: int = Field(default=128, ge=2)
     batch_size: int = Field(default=16, ge=1)
@@ -53,7 +49,7 @@ class Calibration(_Strict):
 class MoefyRecipe(_Strict):
     """What ``brickwork route moefy`` needs, as a strict recipe."""
 
-    model: str
+    model: ModelPath
     n_experts: int = Field(ge=1)
     top_k: int = Field(ge=1)
     clustering: Literal["kmeans", "coactivation"] = "kmeans"

@@ -49,11 +49,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..errors import BrickworkError, CheckpointError, RecipeError, did_you_mean
 from ..merge.registry import get_method
-from ..recipe import _check_params, format_validation_error, read_yaml
+from ..recipe import ModelPath, _check_params, _Strict, format_validation_error, read_yaml
 
 if TYPE_CHECKING:
     from .routers import RouterData
@@ -65,16 +65,12 @@ _MERGEKIT_ONLY = ("base_model", "gate_mode", "experts_per_token", "shared_expert
 _ARCHITECTURES = {None: "auto", "mixtral": "mixtral", "qwen": "qwen2_moe"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ExpertEntry(_Strict):
-    model: str
+    model: ModelPath
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
     examples: list[str] | None = None
-    examples_file: str | None = None
+    examples_file: ModelPath | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ExpertEntry:
@@ -84,7 +80,7 @@ class ExpertEntry(_Strict):
 
 
 class SharedExpertEntry(_Strict):
-    model: str
+    model: ModelPath
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
 
@@ -96,7 +92,7 @@ class RouterTrain(_Strict):
     batch_size: int = Field(default=4, ge=1)
     aux_loss_coef: float = Field(default=0.01, ge=0)
     texts: list[str] | None = None
-    texts_file: str | None = None
+    texts_file: ModelPath | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RouterTrain:
@@ -108,7 +104,7 @@ class RouterTrain(_Strict):
 class UpcycleRecipe(_Strict):
     """What ``upcycle_moe`` needs, as a strict recipe."""
 
-    base: str
+    base: ModelPath
     experts: list[ExpertEntry] = Field(min_length=2)
     shared_expert: SharedExpertEntry | None = None
     format: Literal["auto", "mixtral", "qwen2_moe", "brickwork"] = "auto"
@@ -119,7 +115,7 @@ class UpcycleRecipe(_Strict):
     router_std: float | None = Field(default=None, gt=0)
     router_scale: float | None = Field(default=None, gt=0)
     router_train: RouterTrain | None = None
-    tokenizer: str | None = None
+    tokenizer: ModelPath | None = None
     max_length: int = Field(default=256, ge=1)
     device: str | None = None
     seed: int = 0
@@ -184,7 +180,7 @@ def _texts(xs: Sequence[str] | None) -> list[str]:
 
 
 class MergekitExpert(_Strict):
-    source_model: str
+    source_model: ModelPath
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
     noise_scale: float | None = None
@@ -194,7 +190,7 @@ class MergekitExpert(_Strict):
 class MergekitMoERecipe(_Strict):
     """mergekit-moe's configuration, as mergekit reads it (its defaults included)."""
 
-    base_model: str
+    base_model: ModelPath
     experts: list[MergekitExpert] = Field(min_length=2)
     gate_mode: str = "hidden"  # mergekit's default
     dtype: str | None = None
@@ -338,9 +334,14 @@ def _read_lines(path: str, recipe_dir: Path | None, where: str) -> list[str]:
     if not p.exists() and recipe_dir is not None:
         p = recipe_dir / p
     try:
-        lines = [x.strip() for x in p.read_text().splitlines()]
+        lines = [x.strip() for x in p.read_text(encoding="utf-8").splitlines()]
     except OSError as e:
         raise RecipeError(f"{where} '{path}': cannot read it ({e.strerror}).") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{where} '{path}': not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); give a text file, one example a line."
+        ) from None
     lines = [x for x in lines if x]
     if not lines:
         raise RecipeError(f"{where} '{path}': no non-empty line; give one example a line.")
