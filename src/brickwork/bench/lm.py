@@ -25,6 +25,7 @@ recipes that rebuild each row from ``models/``), ``results.json``, ``results.md`
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import math
 import os
@@ -104,6 +105,7 @@ def _row(method: str, kind: str, **kw: Any) -> dict[str, Any]:
     return row
 
 
+@functools.cache  # once per process: the code it runs, not later edits on disk
 def _code_hash() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.sha256(source_hash("merge", "checkpoint", "route").encode())
@@ -563,6 +565,8 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }  # fmt: skip
     report.write_recipes(results, out)
+    if routers:  # the files the MoE recipes' examples_file entries name
+        write_examples(router_texts(models)[1], out / "recipes" / "router_text")
     report.validate(results)
     report.write(results, out)
     report.print_table(results, console, out=out)

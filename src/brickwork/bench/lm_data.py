@@ -84,11 +84,7 @@ def read_dictd(name: str) -> list[str]:
     out = []
     for line in (DICTD_DIR / f"{name}.index").read_text(errors="replace").splitlines():
         parts = line.split("\t")
-        if (
-            len(parts) < 3
-            or parts[0].startswith("00-database")
-            or parts[0].startswith("00database")
-        ):
+        if len(parts) < 3 or parts[0].startswith("00"):  # the database's own entries
             continue
         span = (_b64(parts[1]), _b64(parts[2]))
         if span in seen:
