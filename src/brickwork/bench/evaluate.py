@@ -2,7 +2,8 @@
 
 :func:`select_hyperparameters` is given a scoring function bound to the *validation*
 split and nothing else, so it cannot read test data; the runner evaluates the test split
-once, afterwards, with the chosen hyperparameters only.
+once, afterwards, with the chosen hyperparameters only, and keeps the per-example
+correctness (:meth:`Evaluator.correct`) from which its bootstrap intervals are drawn.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +44,25 @@ class Evaluator:
         with torch.no_grad():
             return head(x)  # (examples, classes)
 
+    def correct(
+        self,
+        state: Mapping[str, torch.Tensor],
+        heads: Mapping[str, nn.Linear],
+        tasks: Sequence[Task],
+        split: str,
+    ) -> dict[str, np.ndarray]:
+        """Per task, whether ``state`` with ``heads[task]`` gets each example of ``split``
+        right: a ``(examples,)`` bool array in the split's order."""
+        self.calls.append((split, tuple(t.name for t in tasks)))
+        enc = self._load(state)
+        out: dict[str, np.ndarray] = {}
+        for t in tasks:
+            x = features(self.suite, enc, self.trainer.prepared(t, split))
+            with torch.no_grad():
+                pred = heads[t.name](x).argmax(1)
+            out[t.name] = hits(pred, t, split)
+        return out
+
     def accuracy(
         self,
         state: Mapping[str, torch.Tensor],
@@ -50,25 +71,17 @@ class Evaluator:
         split: str,
     ) -> dict[str, float]:
         """Per-task accuracy of one encoder ``state`` with ``heads[task]``."""
-        self.calls.append((split, tuple(t.name for t in tasks)))
-        enc = self._load(state)
-        out: dict[str, float] = {}
-        for t in tasks:
-            x = features(self.suite, enc, self.trainer.prepared(t, split))
-            with torch.no_grad():
-                pred = heads[t.name](x).argmax(1)
-            out[t.name] = _acc(pred, t, split)
-        return out
+        return accuracies(self.correct(state, heads, tasks, split))
 
-    def ensemble_accuracy(
+    def ensemble_correct(
         self,
         states: Sequence[Mapping[str, torch.Tensor]],
         heads: Mapping[str, nn.Linear],
         tasks: Sequence[Task],
         split: str,
-    ) -> dict[str, float]:
+    ) -> dict[str, np.ndarray]:
         """Given the task, average the class probabilities of ``heads[task]`` on every
-        encoder in ``states`` (the fine-tunes) and take the argmax."""
+        encoder in ``states`` (the fine-tunes) and take the argmax; per-example correctness."""
         self.calls.append((split, tuple(t.name for t in tasks)))
         probs = {t.name: torch.zeros(len(t.splits[split]), len(t.classes)) for t in tasks}
         for state in states:
@@ -77,12 +90,37 @@ class Evaluator:
                 x = features(self.suite, enc, self.trainer.prepared(t, split))
                 with torch.no_grad():
                     probs[t.name] += heads[t.name](x).softmax(-1) / len(states)
-        return {t.name: _acc(probs[t.name].argmax(1), t, split) for t in tasks}
+        return {t.name: hits(probs[t.name].argmax(1), t, split) for t in tasks}
+
+    def ensemble_accuracy(
+        self,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        heads: Mapping[str, nn.Linear],
+        tasks: Sequence[Task],
+        split: str,
+    ) -> dict[str, float]:
+        return accuracies(self.ensemble_correct(states, heads, tasks, split))
 
 
-def _acc(pred: torch.Tensor, task: Task, split: str) -> float:
-    y = torch.tensor(task.splits[split].labels)
-    return float((pred == y).float().mean()) if len(y) else float("nan")
+def hits(pred: torch.Tensor, task: Task, split: str) -> np.ndarray:
+    """``pred == label`` per example of ``task``'s ``split``: ``(examples,)`` bool."""
+    y = torch.tensor(task.splits[split].labels, dtype=torch.long)
+    return (pred == y).numpy().astype(bool)
+
+
+def accuracies(correct: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per-task accuracy (NaN for an empty split) of per-example correctness."""
+    return {t: float(np.mean(c)) if len(c) else float("nan") for t, c in correct.items()}
+
+
+def to_bits(correct: np.ndarray) -> str:
+    """Per-example correctness as a string of ``0`` / ``1`` (how rows store it in JSON)."""
+    return "".join("1" if c else "0" for c in np.asarray(correct, dtype=bool))
+
+
+def from_bits(bits: str) -> np.ndarray:
+    """The ``(examples,)`` bool array of :func:`to_bits`."""
+    return np.frombuffer(bits.encode("ascii"), dtype=np.uint8) == ord("1")
 
 
 def grid(space: Mapping[str, Sequence[Any]], *, cap: int = MAX_COMBOS) -> list[dict[str, Any]]:
