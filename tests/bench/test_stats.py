@@ -45,10 +45,10 @@ def test_paired_comparison_sees_a_small_consistent_gain_that_unpaired_intervals_
 
 
 def test_normalized_accuracy_and_loss_gain_on_hand_values():
-    row = {"x": np.array([0.4, 0.5]), "y": np.array([0.9, 0.0])}
-    ref = {"x": np.array([0.8, 0.5]), "y": np.array([0.9, 0.0])}
-    # x: 0.5, 1.0; y: 1.0, 0 (reference 0 -> 0); mean over tasks
-    assert stats.normalized_accuracy(row, ref).tolist() == [0.75, 0.5]
+    row = {"x": np.array([0.4, 0.5, 0.1]), "y": np.array([0.9, 0.0, 0.2])}
+    ref = {"x": np.array([0.8, 0.5, 0.0]), "y": np.array([0.9, 0.0, 0.0])}
+    # x: 0.5, 1.0, -; y: 1.0, -, - (reference 0: left out of that resample); mean over tasks
+    assert stats.normalized_accuracy(row, ref).tolist() == [0.75, 1.0, 0.0]
     base = {"d": np.array([3.0, 3.0])}
     ft = {"d": np.array([2.0, 3.0])}
     merged = {"d": np.array([2.5, 2.0])}

@@ -19,7 +19,8 @@ resampled reference too, so the interval includes the reference's own noise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,13 +78,17 @@ def average(per_task: Mapping[str, np.ndarray]) -> np.ndarray:
 def normalized_accuracy(
     row: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
 ) -> np.ndarray:
-    """Mean over tasks of row accuracy / reference accuracy, per resample (0 where the
-    reference is 0 on a resample)."""
+    """Mean over tasks of row accuracy / reference accuracy, per resample. A task whose
+    reference accuracy is 0 on a resample is left out of that resample's mean (as the
+    point estimate leaves out a task the reference gets all wrong); 0 if every task is."""
     ratios = []
     for t, acc in row.items():
         ref = reference[t]
-        ratios.append(np.divide(acc, ref, out=np.zeros_like(acc), where=ref > 0))
-    return np.mean(np.stack(ratios), axis=0)
+        ratios.append(np.divide(acc, ref, out=np.full_like(acc, np.nan), where=ref > 0))
+    stacked = np.stack(ratios)  # (tasks, resamples)
+    counted = np.isfinite(stacked).sum(axis=0)
+    total = np.nansum(stacked, axis=0)
+    return np.divide(total, counted, out=np.zeros_like(total), where=counted > 0)
 
 
 def loss_gain_kept(
@@ -99,3 +104,15 @@ def loss_gain_kept(
         gain = base[t] - finetuned[t]
         kept.append(np.divide(base[t] - loss, gain, out=np.zeros_like(loss), where=gain != 0))
     return np.mean(np.stack(kept), axis=0)
+
+
+def across_seeds(values: Sequence[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "per_seed"}`` of one score over seeds: the mean and the sample
+    standard deviation (ddof 1) of the values that are not None (``std`` None for fewer
+    than two, ``mean`` None for none), rounded to 4 decimals."""
+    ok = [float(v) for v in values if v is not None]
+    return {
+        "mean": round(float(np.mean(ok)), 4) if ok else None,
+        "std": round(float(np.std(ok, ddof=1)), 4) if len(ok) > 1 else None,
+        "per_seed": [None if v is None else float(v) for v in values],
+    }
