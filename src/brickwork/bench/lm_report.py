@@ -1,5 +1,6 @@
 """Outputs of the LM suite: ``results.json`` (schema below), ``results.md``, ``normalized.png``,
-the recipes of every row, and a terminal table that fits the console.
+``active_params.png`` (score against active parameters), the recipes of every row, and a
+terminal table that fits the console.
 
 ``results.json`` (``"schema": "brickwork-bench-lm/1"``) has the text bench's row structure::
 
@@ -225,6 +226,40 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def params_chart(results: dict[str, Any], path: Path) -> None:
+    """Normalized score (95 % interval) against the parameters one token passes through,
+    for the MoE rows and the merges (which all have the base's size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["status"] == "ok" and r["kind"] != "reference"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind, color in (("merge", "tab:blue"), ("moe", "tab:orange")):
+        sel = [r for r in rows if r["kind"] == kind]
+        if not sel:
+            continue
+        x = [r["active_params"] / 1e6 for r in sel]
+        y = [100 * r["normalized"] for r in sel]
+        err = [[y[i] - 100 * r["normalized_ci"][0] for i, r in enumerate(sel)],
+               [100 * r["normalized_ci"][1] - y[i] for i, r in enumerate(sel)]]  # fmt: skip
+        ax.errorbar(x, y, yerr=err, fmt="o", color=color, capsize=3, label=kind)
+        if kind == "moe":
+            for xi, yi, r in zip(x, y, sel):
+                ax.annotate(r["method"].removeprefix("moe_"), (xi, yi), xytext=(4, 2),
+                            textcoords="offset points", fontsize=7)  # fmt: skip
+    ax.axhline(100, color="tab:green", lw=1.2, ls="--", label="individual (100)")
+    ax.axhline(0, color="tab:red", lw=1.2, ls="--", label="base (0)")
+    ax.set_xlabel("active parameters per token (M)")
+    ax.set_ylabel("loss gain kept (%), 95 % CI")
+    ax.set_title("brickwork bench — lm: score vs active parameters")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(results: dict[str, Any], out: Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +268,7 @@ def write(results: dict[str, Any], out: Path) -> None:
     os.replace(tmp, out / "results.json")
     (out / "results.md").write_text(markdown(results))
     chart(results, out / "normalized.png")
+    params_chart(results, out / "active_params.png")
 
 
 def print_table(results: dict[str, Any], console: Any, *, out: Path | None = None) -> None:
