@@ -16,8 +16,35 @@ def test_quick_run_writes_every_output_and_matches_the_schema(quick_results):
     validate(on_disk)
     assert on_disk["schema"] == SCHEMA_VERSION and on_disk["suite"] == "digits"
     assert (out / "results.md").read_text().startswith("# brickwork bench")
-    assert (out / "normalized.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for chart in ("normalized.png", "params.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert on_disk["environment"]["packages"]["torch"]
+
+
+def test_every_row_has_intervals_and_a_comparison_with_linear(quick_results):
+    results, out = quick_results
+    assert results["seeds"] is None  # one seed: no seeds block
+    for t in results["tasks"]:
+        assert t["n_train"] > 0 and t["n_val"] > 0 and t["n_test"] > 0
+        assert "source" in t and "source_version" in t
+    n_test = {t["name"]: t["n_test"] for t in results["tasks"]}
+    ok = [r for r in results["rows"] if r["status"] == "ok"]
+    assert {r["kind"] for r in ok} == {"reference", "merge", "moe"}
+    for r in ok:
+        for value, (lo, hi) in ((r["avg"], r["avg_ci"]), (r["normalized"], r["normalized_ci"])):
+            assert 0 <= lo <= value <= hi, (r["method"], lo, value, hi)
+        assert {t: len(b) for t, b in r["correct"].items()} == n_test
+        if r["kind"] == "reference" or r["method"] == "linear":
+            assert r["vs_linear"] is None
+        else:
+            assert r["vs_linear"] in ("better", "worse", "tie"), r["method"]
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            assert (r["avg_ci"], r["normalized_ci"], r["vs_linear"]) == (None, None, None)
+    ind = next(r for r in ok if r["method"] == "individual")
+    assert ind["normalized_ci"] == [1.0, 1.0]
+    md = (out / "results.md").read_text()
+    assert "normalized 95 % CI" in md and "Against plain averaging (`linear`)" in md
 
 
 def test_every_registered_method_has_a_row(quick_results):
@@ -39,9 +66,31 @@ def test_second_run_reuses_cached_fine_tunes(quick_results, tmp_path):
     results, _ = quick_results
     again = run_bench("digits", out=tmp_path, quick=True, methods=["linear"], progress=False)
     assert all(again["cache"]["hits"].values())
-    first = {r["method"]: r["per_task"] for r in results["rows"]}
+    first = {r["method"]: r for r in results["rows"]}
     for r in again["rows"]:
-        assert r["per_task"] == first[r["method"]]  # deterministic given the cache
+        assert r["per_task"] == first[r["method"]]["per_task"]  # deterministic given the cache
+        # the cached linear row kept its per-example results: the same intervals
+        assert r["correct"] == first[r["method"]]["correct"]
+        assert r["normalized_ci"] == first[r["method"]]["normalized_ci"]
+    assert again["cache"]["reused_rows"] == ["linear"]
+
+
+def test_seeds_repeat_the_bench_and_report_mean_and_std(bench_cache, tmp_path):
+    from brickwork.bench import run_bench
+
+    res = run_bench("digits", out=tmp_path, quick=True, methods=["linear", "ties"], moe=False,
+                    tasks=["digit", "rot90"], seeds=[0, 1], progress=False)  # fmt: skip
+    validate(json.loads((tmp_path / "results.json").read_text()))
+    validate(json.loads((tmp_path / "seed-1" / "results.json").read_text()))
+    assert res["seed"] == 0 and res["seeds"]["values"] == [0, 1]
+    one = json.loads((tmp_path / "seed-1" / "results.json").read_text())
+    assert one["seed"] == 1 and one["seeds"] is None
+    for r, r1 in zip(res["rows"], one["rows"]):
+        e = res["seeds"]["rows"][r["method"]]["normalized"]
+        assert e["per_seed"] == [r["normalized"], r1["normalized"]]
+        assert e["mean"] == pytest.approx((r["normalized"] + r1["normalized"]) / 2, abs=1e-4)
+        assert e["std"] == pytest.approx(abs(r["normalized"] - r1["normalized"]) / 2**0.5, abs=1e-4)
+    assert "Across seeds 0, 1" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow

@@ -49,9 +49,14 @@ def _results(tasks: list[str]) -> dict[str, Any]:
         per = {t: round(0.5 + 0.4 * ((i * 7 + j * 3) % 10) / 10, 4) for j, t in enumerate(tasks)}
         per[tasks[0]] = 1.0 if i == 1 else per[tasks[0]]  # a 100.0 cell: the widest
         avg = sum(per.values()) / len(per)
+        norm = min(avg / 0.8, 1.0)
         return {
             "method": method, "kind": kind, "status": "ok", "reason": None, "per_task": per,
-            "avg": avg, "normalized": min(avg / 0.8, 1.0),
+            "correct": {t: "1" * round(200 * a) + "0" * (200 - round(200 * a))
+                        for t, a in per.items()},
+            "avg": avg, "avg_ci": [avg - 0.031, avg + 0.029], "normalized": norm,
+            "normalized_ci": [norm - 0.04, norm + 0.038],
+            "vs_linear": None if kind == "reference" or method == "linear" else "tie",
             "normalized_per_task": {t: v / 0.8 for t, v in per.items()},
             "params": 5_300_000 * (4 if kind == "moe" else 1) + 17_300_000,
             "active_params": active, "latency_ms": latency, "seconds": 12.5 + i,
@@ -64,7 +69,8 @@ def _results(tasks: list[str]) -> dict[str, Any]:
              for i, (m, hp) in enumerate(MERGES.items())]  # fmt: skip
     rows += [
         {"method": m, "kind": "merge", "status": "skipped", "reason": why, "per_task": {},
-         "avg": None, "normalized": None, "normalized_per_task": {}, "params": None,
+         "correct": {}, "avg": None, "avg_ci": None, "normalized": None, "normalized_ci": None,
+         "vs_linear": None, "normalized_per_task": {}, "params": None,
          "active_params": None, "latency_ms": None, "seconds": 0.0, "train_seconds": None,
          "hyperparameters": {}, "validation": None}
         for m, why in SKIPPED.items()
@@ -75,8 +81,10 @@ def _results(tasks: list[str]) -> dict[str, Any]:
         "schema": report.SCHEMA_VERSION, "suite": "text", "seed": 0, "quick": False,
         "created": "2026-11-24T12:00:00+00:00",
         "tasks": [{"name": t, "description": f"task {t}", "classes": ["a", "b"],
-                   "sizes": {"train": 700, "val": 100, "test": 200}} for t in tasks],
+                   "n_train": 700, "n_val": 100, "n_test": 200, "source": "wordnet-base",
+                   "source_version": "1:3.0-39"} for t in tasks],
         "skipped_tasks": {}, "train_config": {}, "cache": {"hits": {}}, "rows": rows,
+        "seeds": None,
         "environment": {"python": "3.11", "platform": "linux", "machine": "x86_64",
                         "processor": "cpu", "cpu_count": 2, "torch_threads": 1,
                         "packages": {"torch": "2.5"}},
@@ -113,7 +121,12 @@ def test_table_fits_80_columns_with_each_row_on_one_line(tasks):
     assert [line.split()[0] for line in body] == [r["method"] for r in results["rows"]]
     for r, line in zip(results["rows"], body):
         if r["status"] == "ok":  # the row's values are on its one line
-            assert f"{100 * r['normalized']:.1f}" in line and f"{100 * r['avg']:.1f}" in line
+            lo, hi = r["normalized_ci"]
+            assert f"{100 * r['normalized']:.1f}±{50 * (hi - lo):.1f}" in line
+            assert f"{100 * r['avg']:.1f}" in line
+            mark = {"tie": "=", "better": "+", "worse": "−", None: " "}[r["vs_linear"]]
+            at = head.index("vs lin") + len("vs lin") - 1  # right-aligned under its header
+            assert line.ljust(at + 1)[at] == mark
         else:
             assert set(line.split()[1:]) == {"—"}
     text = "\n".join(lines)
@@ -147,29 +160,30 @@ def test_columns_by_priority_with_a_task_legend():
     text = " ".join(" ".join(lines).split())
     # the four full names do not fit beside the cost columns: abbreviated, with a legend
     assert _headers(head) == ["method", "nsup", "gpos", "wpos", "ftop", "avg", "norm.",
-                              "params M", "act. M", "ms"]  # fmt: skip
+                              "vs lin", "act. M", "ms"]  # fmt: skip
     assert ("tasks: nsup = noun_supersense, gpos = gloss_pos, wpos = word_pos, "
             "ftop = fortune_topic") in text  # fmt: skip
-    assert "not shown at 80 columns: s;" in text
-    # eight tasks: every per-task column before the cost columns
-    head, _ = _table_lines(_render(_results(EIGHT_TASKS), 80))
+    assert "not shown at 80 columns: params M; s;" in text
+    # eight tasks: the interval and the comparison with linear before the last per-task
+    # columns, and those before the cost columns
+    lines = _render(_results(EIGHT_TASKS), 80)
+    head, _ = _table_lines(lines)
     assert _headers(head) == ["method", "nsup", "gpos", "wpos", "ftop", "vsup", "digit",
-                              "rot90", "inve", "avg", "norm."]  # fmt: skip
+                              "avg", "norm.", "vs lin"]  # fmt: skip
+    assert "not shown at 80 columns: rot90; inve;" in " ".join(" ".join(lines).split())
     head, _ = _table_lines(_render(_results(EIGHT_TASKS), 60))
-    assert _headers(head)[:3] == ["method", "nsup", "gpos"] and _headers(head)[-2:] == [
-        "avg",
-        "norm.",
-    ]
+    assert _headers(head)[:3] == ["method", "nsup", "gpos"]
+    assert _headers(head)[-3:] == ["avg", "norm.", "vs lin"]
 
 
 def test_wider_terminal_shows_more_columns():
     results = _results(TEXT_TASKS)
     head80, _ = _table_lines(_render(results, 80))
-    lines = _render(results, 120)
-    assert all(len(line) <= 120 for line in lines)
+    lines = _render(results, 130)  # 120 keeps one more column with abbreviated names
+    assert all(len(line) <= 130 for line in lines)
     head120, body = _table_lines(lines)
     assert len(_headers(head120)) > len(_headers(head80))
-    assert _headers(head120)[1:5] == TEXT_TASKS  # full task names at 120, no legend
+    assert _headers(head120)[1:5] == TEXT_TASKS  # full task names at 130, no legend
     assert "s" in _headers(head120) and "s" not in _headers(head80)
     assert not any(line.startswith("tasks:") for line in lines)
     assert len(body) == len(results["rows"])

@@ -70,6 +70,13 @@ def test_hyperparameter_selection_never_reads_the_test_split(bench_cache):
         assert a["hyperparameters"] == b["hyperparameters"]
         assert a["validation"] == b["validation"]
     assert [a["per_task"] for a in clean] != [b["per_task"] for b in poisoned]
+    # the per-example results (the intervals' input) come from that one test read
+    assert [a["correct"] for a in clean] != [b["correct"] for b in poisoned]
+    for r in poisoned:
+        for t in suite.tasks:
+            bits = r["correct"][t.name]
+            assert len(bits) == len(t.splits["test"])
+            assert bits.count("1") / len(bits) == pytest.approx(r["per_task"][t.name])
 
 
 class _NoBar:

@@ -26,6 +26,12 @@ def bench(
         "moefy_top2of8); default: all.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of splits, training and merges."),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Comma-separated seeds, e.g. 0,1,2: the whole bench once per seed, and mean ± std "
+        "across seeds per row (instead of --seed; costs one run per seed).",
+    ),
     no_moe: bool = typer.Option(False, "--no-moe", help="Leave out the MoE rows."),
     jobs: int | None = typer.Option(
         None, "--jobs", min=1, help="Processes training fine-tunes (default: 2; 1 with --quick)."
@@ -45,7 +51,16 @@ def bench(
     from .runner import run_bench
 
     run_bench(suite, out=out, quick=quick, tasks=_split(tasks), methods=_split(methods),
-              seed=seed, moe=not no_moe, jobs=jobs, threads=threads)  # fmt: skip
+              seed=seed, moe=not no_moe, jobs=jobs, threads=threads,
+              seeds=_seeds(seeds))  # fmt: skip
+
+
+def _seeds(v: str | None) -> list[int] | None:
+    try:
+        return [int(x) for x in _split(v) or []] or None
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {v!r}",
+                                 param_hint="--seeds") from None  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

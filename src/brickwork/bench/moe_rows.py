@@ -52,8 +52,9 @@ from torch import nn
 
 from ..errors import BrickworkError, RecipeError, unknown_name
 from .costs import Costs, count_params, moe_layers, sample, set_top_k
+from .evaluate import accuracies, hits
 from .suites import Suite, Task
-from .train import Trainer, features, full_state, load_row, save_row, source_hash
+from .train import Trainer, features, full_state, save_row, source_hash
 
 #: Row names, in the order the rows appear.
 MOE_ROWS = ("moe_task", "moe_train", "moefy_top4of8", "moefy_top2of8")
@@ -240,10 +241,11 @@ class _Builder:
         prep = self.trainer.prepared(task, "train")
         return [prep[i] for i in sample(len(prep), n, self.seed * 7919 + salt)]
 
-    def accuracy(
+    def correct(
         self, models: Mapping[str, nn.Module], split: str, tasks: Sequence[Task] | None = None
-    ) -> dict[str, float]:
-        """Per-task accuracy of ``models[task]`` with the task's fine-tuned head."""
+    ) -> dict[str, Any]:
+        """Per task, whether ``models[task]`` with the task's fine-tuned head gets each
+        example of ``split`` right (``(examples,)`` bool arrays)."""
         tasks = self.tasks if tasks is None else tasks
         self.ev.calls.append((split, tuple(t.name for t in tasks)))  # audited by tests
         out = {}
@@ -251,9 +253,14 @@ class _Builder:
             x = features(self.suite, models[t.name], self.trainer.prepared(t, split))
             with torch.no_grad():
                 pred = self.heads[t.name](x).argmax(1)
-            y = torch.tensor(t.splits[split].labels)
-            out[t.name] = float((pred == y).float().mean()) if len(y) else float("nan")
+            out[t.name] = hits(pred, t, split)
         return out
+
+    def accuracy(
+        self, models: Mapping[str, nn.Module], split: str, tasks: Sequence[Task] | None = None
+    ) -> dict[str, float]:
+        """Per-task accuracy of ``models[task]`` with the task's fine-tuned head."""
+        return accuracies(self.correct(models, split, tasks))
 
     def one(self, model: nn.Module, split: str) -> dict[str, float]:
         return self.accuracy({t.name: model for t in self.tasks}, split)
@@ -423,7 +430,7 @@ def moe_rows(
     use_cache: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per name in ``names`` (of :data:`MOE_ROWS`), cached like merge rows."""
-    from .runner import _row, _row_key
+    from .runner import _row, _row_key, load_cached_row
 
     reused = [] if reused is None else reused
     cfg = moe_config(suite.quick)
@@ -434,7 +441,7 @@ def moe_rows(
     for name in [n for n in MOE_ROWS if n in names]:
         key = _row_key(suite, tasks, ev.trainer, f"moe:{name}", seed=seed, moe=asdict(cfg),
                        code_route=source_hash("merge", "bench", "checkpoint", "route"))  # fmt: skip
-        cached = load_row(key) if use_cache else None
+        cached = load_cached_row(key) if use_cache else None
         if cached is not None:
             rows.append(cached)
             reused.append(name)
@@ -451,9 +458,9 @@ def moe_rows(
                             bar.advance()
                 per = {}
                 for t in tasks:  # each MoEfied fine-tune on its own task only
-                    per |= b.accuracy(models, "test", [t])
+                    per |= b.correct(models, "test", [t])
                 total = sum(count_params(m)[1] for m in models.values())
-                kw = dict(per_task=per, params=shared + total + heads,
+                kw = dict(correct=per, params=shared + total + heads,
                           hyperparameters={"n_experts": n_exp, "top_k": k, "active_neurons": k / n_exp,
                                            "calibration_per_task": cfg.moefy_examples,
                                            "router_steps": cfg.moefy_steps})  # fmt: skip
@@ -466,7 +473,7 @@ def moe_rows(
                 else:
                     model, hp, val, secs = b.train_moe()
                     extra = {"train_seconds": round(secs, 2)}
-                kw = dict(per_task=b.one(model, "test"),  # the only test read
+                kw = dict(correct=b.correct({t.name: model for t in tasks}, "test"),  # the only test read
                           params=shared + count_params(model)[1] + heads, hyperparameters=hp,
                           validation=val, **extra)  # fmt: skip
                 secs = round(time.perf_counter() - t0, 2)

@@ -1,13 +1,16 @@
-"""Benchmark outputs: ``results.json`` (schema below), ``results.md``, ``normalized.png``,
-a rich table, and the environment (package versions, hardware).
+"""Benchmark outputs: ``results.json`` (schema below), ``results.md``, ``normalized.png``
+(methods by normalized accuracy, 95 % intervals), ``params.png`` (normalized accuracy vs
+active parameters), a rich table, and the environment (package versions, hardware).
 
-``results.json`` schema (``"schema": "brickwork-bench/2"``)::
+``results.json`` schema (``"schema": "brickwork-bench/3"``)::
 
     {
-      "schema": "brickwork-bench/2",
+      "schema": "brickwork-bench/3",
       "suite": str, "seed": int, "quick": bool, "created": ISO-8601 str,
       "tasks": [{"name": str, "description": str, "classes": [str],
-                 "sizes": {"train": int, "val": int, "test": int}}],
+                 "n_train": int, "n_val": int, "n_test": int,   # examples per split
+                 "source": str | null,               # where the data comes from (e.g. the
+                 "source_version": str | null}],     # Debian package) and its version
       "skipped_tasks": {task: one-line reason},
       "train_config": {...TrainConfig fields...},
       "cache": {"hits": {"probe:<task>" | "finetune:<task>" | "multitask": bool}},
@@ -19,8 +22,16 @@ a rich table, and the environment (package versions, hardware).
         "status": "ok" | "skipped",
         "reason": str | null,                # why skipped
         "per_task": {task: float},           # test accuracy
+        "correct": {task: str},              # per test example in the split's order:
+                                             # "1" right, "0" wrong ({} when skipped)
         "avg": float | null,                 # mean test accuracy over tasks
+        "avg_ci": [lo, hi] | null,           # its 95 % bootstrap interval
         "normalized": float | null,          # mean over tasks of accuracy / individual's accuracy
+        "normalized_ci": [lo, hi] | null,    # its 95 % bootstrap interval
+        "vs_linear": "better" | "worse" | "tie" | null,
+                                             # normalized vs the `linear` row's, paired
+                                             # bootstrap (merge and MoE rows; null for
+                                             # references, `linear`, or no `linear` row)
         "normalized_per_task": {task: float},
         "params": int | null,                # parameters needed to serve every task
         "active_params": int | null,         # parameters one example passes through: trunk
@@ -36,10 +47,27 @@ a rich table, and the environment (package versions, hardware).
         "validation": null | {"avg": float, "tried": [{"params": {...}, "val_avg": float}
                                                       | {"params": {...}, "error": str}]}
       }],
+      "seeds": null | {                      # --seeds: the whole bench once per seed
+        "values": [int],                     # the first is this file's "seed"
+        "rows": {method: {"normalized" | "avg": {"mean": float | null, "std": float | null,
+                                                 "per_seed": [float | null]}}}
+      },
       "environment": {"python", "platform", "machine", "processor", "cpu_count",
                       "torch_threads", "packages": {name: version}},
       "wall_seconds": float                  # whole run, before writing the outputs
     }
+
+Intervals: the 2.5 / 97.5 percentiles over 1,000 bootstrap resamples of each task's test
+examples (:mod:`brickwork.bench.stats`, seeded by ``seed``), the same resamples for every
+row; *normalized* is recomputed on each resample against the resampled ``individual`` row.
+A row is ``better`` (``worse``) than ``linear`` when the 95 % interval of the paired
+difference of *normalized* lies above (below) 0, ``tie`` otherwise. ``seeds``: ``std`` is
+the sample standard deviation (ddof 1) over the seeds a row was ok in; each seed redraws
+the splits and retrains every fine-tune (digits: also its base).
+
+Changes from ``brickwork-bench/2``: ``tasks[].sizes`` became ``n_train`` / ``n_val`` /
+``n_test``; new ``tasks[].source`` / ``source_version``, ``rows[].correct`` / ``avg_ci`` /
+``normalized_ci`` / ``vs_linear`` and the top-level ``seeds``.
 """
 
 from __future__ import annotations
@@ -57,23 +85,31 @@ import torch
 
 from ..errors import BrickworkError
 
-SCHEMA_VERSION = "brickwork-bench/2"
+SCHEMA_VERSION = "brickwork-bench/3"
 SCHEMA_DOC = __doc__
 
 _TOP: dict[str, type | tuple[type, ...]] = {
     "schema": str, "suite": str, "seed": int, "quick": bool, "created": str, "tasks": list,
     "skipped_tasks": dict, "train_config": dict, "cache": dict, "rows": list,
-    "environment": dict, "wall_seconds": (int, float),
+    "seeds": (dict, type(None)), "environment": dict, "wall_seconds": (int, float),
 }  # fmt: skip
 _NUM = (int, float)
 _ROW: dict[str, tuple[type, ...]] = {
     "method": (str,), "kind": (str,), "status": (str,), "reason": (str, type(None)),
-    "per_task": (dict,), "avg": (*_NUM, type(None)), "normalized": (*_NUM, type(None)),
+    "per_task": (dict,), "correct": (dict,), "avg": (*_NUM, type(None)),
+    "avg_ci": (list, type(None)), "normalized": (*_NUM, type(None)),
+    "normalized_ci": (list, type(None)), "vs_linear": (str, type(None)),
     "normalized_per_task": (dict,), "params": (int, type(None)),
     "active_params": (int, type(None)), "latency_ms": (*_NUM, type(None)),
     "seconds": (*_NUM, type(None)), "train_seconds": (*_NUM, type(None)),
     "hyperparameters": (dict,), "validation": (dict, type(None)),
 }  # fmt: skip
+_TASK: dict[str, tuple[type, ...]] = {
+    "name": (str,), "description": (str,), "classes": (list,), "n_train": (int,),
+    "n_val": (int,), "n_test": (int,), "source": (str, type(None)),
+    "source_version": (str, type(None)),
+}  # fmt: skip
+VS_LINEAR = ("better", "worse", "tie")
 
 
 class ResultsSchemaError(BrickworkError):
@@ -101,9 +137,11 @@ def validate(results: dict[str, Any]) -> None:
     check("results", results, _TOP)
     if results.get("schema") != SCHEMA_VERSION:
         bad.append(f"results.schema: expected '{SCHEMA_VERSION}', got {results.get('schema')!r}")
-    names = [t.get("name") for t in results.get("tasks", []) if isinstance(t, dict)]
+    tasks = [t for t in results.get("tasks", []) if isinstance(t, dict)]
+    names = [t.get("name") for t in tasks]
+    n_test = {t.get("name"): t.get("n_test") for t in tasks}
     for i, t in enumerate(results.get("tasks", [])):
-        check(f"tasks[{i}]", t, {"name": str, "description": str, "classes": list, "sizes": dict})
+        check(f"tasks[{i}]", t, _TASK)
     for i, r in enumerate(results.get("rows", [])):
         if not isinstance(r, dict):
             bad.append(f"rows[{i}]: not an object")
@@ -113,6 +151,8 @@ def validate(results: dict[str, Any]) -> None:
             bad.append(f"rows[{i}].kind: {r.get('kind')!r} is not 'reference', 'merge' or 'moe'")
         if r.get("status") not in ("ok", "skipped"):
             bad.append(f"rows[{i}].status: {r.get('status')!r} is not 'ok' or 'skipped'")
+        if r.get("vs_linear") not in (*VS_LINEAR, None):
+            bad.append(f"rows[{i}].vs_linear: {r.get('vs_linear')!r} is not one of {VS_LINEAR}")
         if r.get("status") == "ok":
             if sorted(r.get("per_task", {})) != sorted(names):
                 bad.append(
@@ -121,8 +161,56 @@ def validate(results: dict[str, Any]) -> None:
             for k, v in r.get("per_task", {}).items():
                 if not isinstance(v, _NUM) or not 0.0 <= v <= 1.0:
                     bad.append(f"rows[{i}].per_task.{k}: {v!r} is not an accuracy in [0, 1]")
+            bad += _check_correct(f"rows[{i}]", r, n_test)
+            for k in ("avg_ci", "normalized_ci"):
+                bad += _check_interval(f"rows[{i}].{k}", r.get(k))
+    bad += _check_seeds(results.get("seeds"))
     if bad:
         raise ResultsSchemaError("results do not match the schema: " + "; ".join(bad))
+
+
+def _check_correct(where: str, r: dict[str, Any], n_test: dict[str, Any]) -> list[str]:
+    """An ok row's ``correct``: one 0/1 string per task, ``n_test`` long, whose mean is
+    its ``per_task`` accuracy."""
+    bad, correct = [], r.get("correct")
+    if not isinstance(correct, dict) or sorted(correct) != sorted(n_test):
+        return [f"{where}.correct: expected one string per task {sorted(n_test)}"]
+    for t, bits in correct.items():
+        if not isinstance(bits, str) or set(bits) - {"0", "1"}:
+            bad.append(f"{where}.correct.{t}: expected a string of 0 and 1")
+        elif len(bits) != n_test[t]:
+            bad.append(f"{where}.correct.{t}: {len(bits)} examples, the task has {n_test[t]}")
+        elif bits and abs(bits.count("1") / len(bits) - r["per_task"].get(t, -1)) > 1e-4:
+            bad.append(f"{where}.correct.{t}: {bits.count('1')} of {len(bits)} right, "
+                       f"per_task says {r['per_task'].get(t)}")  # fmt: skip
+    return bad
+
+
+def _check_interval(where: str, ci: Any) -> list[str]:
+    ok = (
+        isinstance(ci, list)
+        and len(ci) == 2
+        and all(isinstance(v, _NUM) and not isinstance(v, bool) for v in ci)
+    )
+    if not ok:
+        return [f"{where}: expected [lo, hi], got {ci!r}"]
+    return [] if ci[0] <= ci[1] else [f"{where}: lo {ci[0]} > hi {ci[1]}"]
+
+
+def _check_seeds(seeds: Any) -> list[str]:
+    if seeds is None:
+        return []
+    if not isinstance(seeds, dict) or not isinstance(seeds.get("values"), list):
+        return ["results.seeds: expected {'values': [int], 'rows': {...}} or null"]
+    bad, k = [], len(seeds["values"])
+    for m, entry in (seeds.get("rows") or {}).items():
+        for metric in ("normalized", "avg"):
+            e = entry.get(metric) if isinstance(entry, dict) else None
+            if not isinstance(e, dict) or {"mean", "std", "per_seed"} - set(e):
+                bad.append(f"results.seeds.rows.{m}.{metric}: expected mean, std, per_seed")
+            elif not isinstance(e["per_seed"], list) or len(e["per_seed"]) != k:
+                bad.append(f"results.seeds.rows.{m}.{metric}.per_seed: expected {k} values")
+    return bad
 
 
 def _tuple(t: Any) -> tuple[type, ...]:
@@ -173,6 +261,10 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return f"{100 * v:.1f}" if pct else str(v)
 
 
+def _secs(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
 def _sig(v: float | None, unit: float = 1.0) -> str:
     """``v / unit`` to three significant digits without an exponent (0.0107, 5.83,
     22.6, 124, 6738): a tiny model's latency is not ``0.01`` nor a 7B's size ``6.74e+03``."""
@@ -183,32 +275,45 @@ def _sig(v: float | None, unit: float = 1.0) -> str:
     return f"{x:.{digits}f}"
 
 
+def _ci(ci: list[float] | None) -> str:
+    return "—" if ci is None else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
+
+
+def _pm(v: float | None, ci: list[float] | None) -> str:
+    """``86.3±1.2``: the value and the half-width of its interval (the table's one cell)."""
+    if v is None:
+        return "—"
+    return _fmt(v) if ci is None else f"{100 * v:.1f}±{50 * (ci[1] - ci[0]):.1f}"
+
+
+#: How ``vs_linear`` reads in the terminal table (``vs lin`` column) and in results.md.
+VS_MARK = {"better": "+", "worse": "−", "tie": "=", None: ""}
+
+
 def markdown(results: dict[str, Any]) -> str:
     tasks = [t["name"] for t in results["tasks"]]
     head = [
-        "method",
-        "kind",
-        *tasks,
-        "avg",
-        "normalized",
-        "params (M)",
-        "active (M)",
-        "latency (ms)",
-        "seconds",
-        "hyperparameters",
-    ]
+        "method", "kind", *tasks, "avg", "avg 95 % CI", "normalized", "normalized 95 % CI",
+        "vs linear", "params (M)", "active (M)", "latency (ms)", "seconds", "hyperparameters",
+    ]  # fmt: skip
     lines = [
         f"# brickwork bench — suite `{results['suite']}`"
         + (" (quick)" if results["quick"] else ""),
         "",
         "Test accuracy (%) per task; *normalized* = accuracy ÷ `individual`'s, per task, "
-        "averaged. Hyperparameters were chosen on the validation split. *active*: parameters "
-        "one example passes through (an MoE counts its router and `top_k` experts); *latency*: "
-        "encoder forward time per example (one batch of 64 test inputs, an equal share per task).",
+        "averaged. *95 % CI*: bootstrap percentile interval over resampled test examples "
+        "(1,000 resamples within each task, the same for every row; *normalized* recomputed "
+        "against the resampled `individual`). *vs linear*: *normalized* against `linear`'s "
+        "on the same resamples (paired): better, worse or tie (the 95 % interval of the "
+        "difference contains 0). Hyperparameters were chosen on the validation split. "
+        "*active*: parameters one example passes through (an MoE counts its router and "
+        "`top_k` experts); *latency*: encoder forward time per example (one batch of 64 test "
+        "inputs, an equal share per task).",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(tasks) + 6) + ["---"]) + "|",
-    ]
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(tasks) + 4) + ["---"] + ["---:"] * 4
+                       + ["---"]) + "|",
+    ]  # fmt: skip
     skipped = []
     for r in results["rows"]:
         if r["status"] != "ok":
@@ -216,20 +321,13 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         cells = [
             f"`{r['method']}`", r["kind"], *(_fmt(r["per_task"][t]) for t in tasks),
-            _fmt(r["avg"]), _fmt(r["normalized"]), _sig(r["params"], 1e6),
-            _sig(r["active_params"], 1e6), _sig(r["latency_ms"]), f"{r['seconds']:.1f}", _hp(r),
+            _fmt(r["avg"]), _ci(r["avg_ci"]), _fmt(r["normalized"]), _ci(r["normalized_ci"]),
+            r["vs_linear"] or "", _sig(r["params"], 1e6), _sig(r["active_params"], 1e6),
+            _sig(r["latency_ms"]), _secs(r["seconds"]), _hp(r),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lin = next(
-        (r for r in results["rows"] if r["method"] == "linear" and r["status"] == "ok"), None
-    )
-    if lin is not None:
-        losers = [
-            r["method"] for r in results["rows"]
-            if r["kind"] == "merge" and r["status"] == "ok" and r["avg"] < lin["avg"]
-        ]  # fmt: skip
-        lines += ["", "Merge methods below plain averaging (`linear`) on average: "
-                  + (", ".join(f"`{m}`" for m in losers) if losers else "none") + "."]  # fmt: skip
+    lines += _versus_linear(results["rows"])
+    lines += _seeds_section(results)
     if skipped:
         lines += ["", "Skipped:", "", *skipped]
     if results["skipped_tasks"]:
@@ -238,9 +336,9 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     env = results["environment"]
     lines += [
-        "", "Tasks (examples train / val / test):", "",
+        "", "Tasks (examples train / val / test; source):", "",
         *(f"- `{t['name']}` ({len(t['classes'])} classes): {t['description']}; "
-          f"{t['sizes']['train']} / {t['sizes']['val']} / {t['sizes']['test']}" for t in results["tasks"]),
+          f"{t['n_train']} / {t['n_val']} / {t['n_test']}" + _source(t) for t in results["tasks"]),
         "",
         f"Wall time {results['wall_seconds']:.0f} s on {env['processor']} "
         f"({env['cpu_count']} CPUs, {env['torch_threads']} torch threads), python {env['python']}, "
@@ -249,31 +347,51 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def _source(t: dict[str, Any]) -> str:
+    if not t.get("source"):
+        return ""
+    return f"; {t['source']}" + (f" {t['source_version']}" if t.get("source_version") else "")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if r["status"] == "ok"]
-    tasks = [t["name"] for t in results["tasks"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2.5), 4.0))
-    width = 0.8 / (len(tasks) + 1)
-    for j, t in enumerate([*tasks, "average"]):
-        ys = [
-            100 * (r["normalized"] if t == "average" else r["normalized_per_task"][t] or 0)
-            for r in rows
-        ]
-        ax.bar([i + j * width for i in range(len(rows))], ys, width, label=t)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-    ax.set_xticklabels([r["method"] for r in rows], rotation=45, ha="right")
-    ax.set_ylabel("normalized accuracy (%)")
-    ax.axhline(100, color="grey", lw=0.8)
-    ax.set_title(f"brickwork bench — {results['suite']}")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _versus_linear(rows: list[dict[str, Any]]) -> list[str]:
+    """Which merge / MoE rows the paired bootstrap puts above, below or level with
+    ``linear``."""
+    if not any(r["method"] == "linear" and r["status"] == "ok" for r in rows):
+        return []
+    by = {v: [f"`{r['method']}`" for r in rows if r.get("vs_linear") == v] for v in VS_LINEAR}
+    return [
+        "",
+        "Against plain averaging (`linear`), normalized, paired bootstrap at 95 %: "
+        f"worse: {', '.join(by['worse']) or 'none'}; "
+        f"indistinguishable: {', '.join(by['tie']) or 'none'}; "
+        f"better: {', '.join(by['better']) or 'none'}.",
+    ]
+
+
+def _seeds_section(results: dict[str, Any]) -> list[str]:
+    seeds = results.get("seeds")
+    if not seeds:
+        return []
+    values = seeds["values"]
+    lines = [
+        "",
+        f"Across seeds {', '.join(map(str, values))} (each seed redraws the splits and "
+        "retrains every fine-tune), mean ± standard deviation:",
+        "",
+        "| method | normalized | avg | " + " | ".join(f"seed {v}" for v in values) + " |",
+        "|---|---:|---:|" + "---:|" * len(values),
+    ]
+    for m, e in seeds["rows"].items():
+        n, a = e["normalized"], e["avg"]
+        per = [_fmt(v) for v in n["per_seed"]]
+        lines.append(f"| `{m}` | {_mean_std(n)} | {_mean_std(a)} | " + " | ".join(per) + " |")
+    return lines
+
+
+def _mean_std(e: dict[str, Any]) -> str:
+    if e["mean"] is None:
+        return "—"
+    return f"{100 * e['mean']:.1f}" + ("" if e["std"] is None else f" ± {100 * e['std']:.1f}")
 
 
 def write(results: dict[str, Any], out: Path) -> None:
@@ -283,13 +401,17 @@ def write(results: dict[str, Any], out: Path) -> None:
     tmp.write_text(json.dumps(results, indent=1, default=str))
     os.replace(tmp, out / "results.json")
     (out / "results.md").write_text(markdown(results))
-    chart(results, out / "normalized.png")
+    from .charts import normalized_chart, params_chart
+
+    normalized_chart(results, out / "normalized.png")
+    params_chart(results, out / "params.png")
 
 
 def print_table(results: dict[str, Any], console: Any, *, out: Path | None = None) -> None:
     """The results as a table that fits ``console.width``: columns by priority (method,
-    normalized, avg, per-task accuracy, active parameters, latency, then total parameters,
-    seconds and hyperparameters as width allows), each row on one line; below it the
+    normalized ± half its interval, vs linear, avg, per-task accuracy, active parameters,
+    latency, then total parameters, seconds and hyperparameters as width allows), each row
+    on one line; below it the
     hyperparameters that fit on a line each, skip reasons, and where the rest is
     (``OUT/results.md`` has every column)."""
     from rich.text import Text
@@ -345,15 +467,16 @@ def _columns(results: dict[str, Any], names: dict[str, str]) -> list[Any]:
 
     return [
         Column("method", [r["method"] for r in rows], "left", 0),
-        *(col(names[t["name"]], lambda r, t=t["name"]: _fmt(r["per_task"][t]), 3 + i)
+        *(col(names[t["name"]], lambda r, t=t["name"]: _fmt(r["per_task"][t]), 4 + i)
           for i, t in enumerate(results["tasks"])),
-        col("avg", lambda r: _fmt(r["avg"]), 2),
-        col("norm.", lambda r: _fmt(r["normalized"]), 1),
-        col("params M", lambda r: _sig(r["params"], 1e6), n + 5),
-        col("act. M", lambda r: _sig(r["active_params"], 1e6), n + 3),
-        col("ms", lambda r: _sig(r["latency_ms"]), n + 4),
-        col("s", lambda r: f"{r['seconds']:.1f}", n + 6),
-        Column("hyperparameters", [_hp(r) for r in rows], "left", n + 7),
+        col("avg", lambda r: _fmt(r["avg"]), 3),
+        col("norm.", lambda r: _pm(r["normalized"], r.get("normalized_ci")), 1),
+        col("vs lin", lambda r: VS_MARK[r.get("vs_linear")], 2),
+        col("params M", lambda r: _sig(r["params"], 1e6), n + 6),
+        col("act. M", lambda r: _sig(r["active_params"], 1e6), n + 4),
+        col("ms", lambda r: _sig(r["latency_ms"]), n + 5),
+        col("s", lambda r: _secs(r["seconds"]), n + 7),
+        Column("hyperparameters", [_hp(r) for r in rows], "left", n + 8),
     ]  # fmt: skip
 
 
@@ -374,7 +497,8 @@ def _hyperparameter_lines(rows: list[dict[str, Any]], width: int) -> tuple[list[
 
 
 _COLUMN_KEYS = [
-    ("norm.", "accuracy ÷ individual's, averaged"),
+    ("norm.", "accuracy ÷ individual's, averaged, ± half its 95 % bootstrap interval"),
+    ("vs lin", "norm. against linear's, paired bootstrap: + better, − worse, = tie"),
     ("act. M", "parameters one example passes through (M)"),
     ("ms", "encoder latency per example"),
     ("params M", "parameters serving every task (M)"),

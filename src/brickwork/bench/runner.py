@@ -10,13 +10,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import BrickworkError
 from . import data as D
-from . import report
-from .evaluate import MAX_COMBOS, Evaluator, grid, select_hyperparameters
+from . import report, stats
+from .evaluate import (
+    MAX_COMBOS,
+    Evaluator,
+    accuracies,
+    from_bits,
+    grid,
+    select_hyperparameters,
+    to_bits,
+)
 from .suites import Suite, Task, make_suite
 from .train import Trainer, cache_key, full_state, load_row, save_row, source_hash
 
@@ -55,15 +64,27 @@ def _n_params(modules: Sequence[dict[str, torch.Tensor]], heads: Sequence[nn.Lin
     )
 
 
-def _row(method: str, kind: str, **kw: Any) -> dict[str, Any]:
+#: Bump when the stored form of a row changes (3: per-example correctness in ``correct``).
+ROW_VERSION = 3
+
+
+def _row(
+    method: str, kind: str, *, correct: dict[str, np.ndarray] | None = None, **kw: Any
+) -> dict[str, Any]:
+    """A results row; ``correct[task]``: per test example, right or wrong (its accuracy
+    is ``per_task``, its bits are stored, the intervals are drawn from it)."""
     row = {
         "method": method,
         "kind": kind,
         "status": "ok",
         "reason": None,
-        "per_task": {},
+        "per_task": accuracies(correct) if correct is not None else {},
+        "correct": {t: to_bits(c) for t, c in correct.items()} if correct is not None else {},
         "avg": None,
+        "avg_ci": None,
         "normalized": None,
+        "normalized_ci": None,
+        "vs_linear": None,
         "normalized_per_task": {},
         "params": None,
         "active_params": None,
@@ -109,7 +130,7 @@ def _merge_rows(
             m = get_method(name)
             t0 = time.perf_counter()
             key = _row_key(suite, tasks, ev.trainer, f"merge:{name}", seed=seed)
-            cached = load_row(key) if use_cache else None
+            cached = load_cached_row(key) if use_cache else None
             if cached is not None:
                 rows.append(cached)
                 reused.append(name)
@@ -133,9 +154,9 @@ def _merge_rows(
                 rows.append(_row(name, "merge", status="skipped", reason=sel.error,
                                  seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
             else:
-                per_task = ev.accuracy(sel.state, heads, tasks, "test")  # the only test read
+                correct = ev.correct(sel.state, heads, tasks, "test")  # the only test read
                 rows.append(_row(
-                    name, "merge", per_task=per_task, hyperparameters=sel.params,
+                    name, "merge", correct=correct, hyperparameters=sel.params,
                     validation={"avg": round(sel.val_avg, 6), "tried": sel.tried},
                     params=enc_params + _n_params([], list(heads.values())),
                     seconds=round(time.perf_counter() - t0, 2),
@@ -151,11 +172,21 @@ def _row_key(suite: Suite, tasks: list[Task], trainer: Trainer, what: str, **ext
     return cache_key(
         kind="row", what=what, suite=suite.name, encoder=suite.describe(), quick=suite.quick, models=sorted(trainer.keys.items()),
         data=[(t.name, t.fingerprint(D.SPLITS)) for t in tasks],
-        code=source_hash("merge", "bench", "checkpoint"), **extra,
+        code=source_hash("merge", "bench", "checkpoint"), rows=ROW_VERSION, **extra,
     )  # fmt: skip
 
 
-def _finish(rows: list[dict[str, Any]], tasks: list[Task]) -> None:
+def load_cached_row(key: str) -> dict[str, Any] | None:
+    """A cached row, or None when there is none or it predates per-example correctness."""
+    row = load_row(key)
+    if row is None or (row.get("status") == "ok" and not row.get("correct")):
+        return None
+    return row
+
+
+def _finish(rows: list[dict[str, Any]], tasks: list[Task], *, seed: int = 0) -> None:
+    """Fill in every ok row's ``avg``, ``normalized`` (per task and averaged), their 95 %
+    bootstrap intervals and ``vs_linear``."""
     ind = next(r for r in rows if r["method"] == "individual")["per_task"]
     for r in rows:
         if r["status"] != "ok":
@@ -168,6 +199,35 @@ def _finish(rows: list[dict[str, Any]], tasks: list[Task]) -> None:
         }
         vals = [v for v in r["normalized_per_task"].values() if v is not None]
         r["normalized"] = round(sum(vals) / len(vals), 4) if vals else None
+    intervals(rows, {t.name: len(t.splits["test"]) for t in tasks}, seed=seed)
+
+
+def intervals(rows: list[dict[str, Any]], sizes: dict[str, int], *, seed: int = 0) -> None:
+    """Set ``avg_ci``, ``normalized_ci`` and ``vs_linear`` of every ok row from its
+    per-example ``correct`` bits: the same :class:`~brickwork.bench.stats.Bootstrap`
+    resamples of each task's test examples (``sizes[task]`` of them) for every row;
+    *normalized* is recomputed on each resample against the resampled ``individual`` row;
+    ``vs_linear`` compares *normalized* with ``linear``'s on the same resamples (merge and
+    MoE rows; None for references, for ``linear`` and when there is no ``linear`` row)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    boot = stats.Bootstrap(sizes, seed=seed)
+    means = {
+        r["method"]: boot.means({t: from_bits(r["correct"][t]) for t in sizes}) for r in ok
+    }  # method -> task -> (n,) resampled accuracies
+    ref = means["individual"]
+    norm = {m: stats.normalized_accuracy(v, ref) for m, v in means.items()}
+    lin = norm.get("linear")
+    for r in ok:
+        m = r["method"]
+        r["avg_ci"] = _ci(stats.average(means[m]))
+        r["normalized_ci"] = _ci(norm[m])
+        compared = lin is not None and r["kind"] != "reference" and m != "linear"
+        r["vs_linear"] = stats.compare(norm[m], lin) if compared else None
+
+
+def _ci(replicates: np.ndarray) -> list[float]:
+    lo, hi = stats.interval(replicates)
+    return [round(lo, 4), round(hi, 4)]
 
 
 def run_bench(
@@ -183,9 +243,11 @@ def run_bench(
     moe: bool = True,
     jobs: int | None = None,
     threads: int | None = 1,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run one benchmark suite and write ``results.json``, ``results.md``, ``normalized.png``
-    under ``out`` (default ``bench-results/<suite>-<date>/``). Returns the results dict
+    and ``params.png`` under ``out`` (default ``bench-results/<suite>-<date>/``). Returns the
+    results dict
     (schema: :data:`brickwork.bench.report.SCHEMA_DOC`). ``methods`` names merge methods
     and MoE rows (:data:`brickwork.bench.moe_rows.MOE_ROWS`); ``moe=False`` drops the MoE
     rows when ``methods`` is None.
@@ -193,21 +255,60 @@ def run_bench(
     ``jobs``: processes that train the missing fine-tunes (default: 2 on a machine with two
     or more CPUs, 1 with ``quick``). ``threads``: torch threads of this process while the
     bench runs (default 1: on a 2-core machine a second thread made training steps up to
-    7x slower whenever anything else ran; None keeps torch's setting)."""
+    7x slower whenever anything else ran; None keeps torch's setting).
+
+    ``seeds`` (e.g. ``[0, 1, 2]``, instead of ``seed``): the whole bench once per seed (each
+    seed redraws the splits and retrains the fine-tunes); ``out`` gets the first seed's
+    results plus a ``seeds`` block (per row mean, standard deviation and per-seed values of
+    *normalized* and *avg*), ``out/seed-<s>/`` each other seed's full results."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    values = list(dict.fromkeys(seeds)) if seeds else [seed]
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_bench(suite, out=out, quick=quick, tasks=tasks, methods=methods, seed=seed,
-                          progress=progress, console=console, moe=moe, jobs=jobs)  # fmt: skip
+        runs = []
+        for i, sd in enumerate(values):
+            if len(values) > 1:
+                console.print(f"[bold]seed {sd}[/] ({i + 1} of {len(values)})")
+            runs.append(_run_bench(suite, quick=quick, tasks=tasks, methods=methods, seed=sd,
+                                   progress=progress, console=console, moe=moe, jobs=jobs))  # fmt: skip
     finally:
         torch.set_num_threads(old_threads)
+    results = runs[0]
+    out = out or Path("bench-results") / f"{results['suite']}-{_dt.date.today().isoformat()}"
+    for other in runs[1:]:
+        report.validate(other)
+        report.write(other, Path(out) / f"seed-{other['seed']}")
+    if len(runs) > 1:
+        results["seeds"] = seed_summary(runs)
+    report.validate(results)
+    report.write(results, out)
+    report.print_table(results, console, out=out)
+    wall = sum(r["wall_seconds"] for r in runs)
+    console.print(f"results written to {out}/ (wall time {wall:.0f} s)")
+    return results
+
+
+def seed_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``seeds`` block of several runs' results (one per seed): per row, in the first
+    run's order, ``normalized`` and ``avg`` as mean, sample std and per-seed values (None
+    where the row was skipped or missing in a run)."""
+    methods = list(dict.fromkeys(r["method"] for run in runs for r in run["rows"]))
+    by_run = [{r["method"]: r for r in run["rows"]} for run in runs]
+    rows = {
+        m: {k: stats.across_seeds([(b.get(m) or {}).get(k) for b in by_run])
+            for k in ("normalized", "avg")}
+        for m in methods
+    }  # fmt: skip
+    return {"values": [run["seed"] for run in runs], "rows": rows}
 
 
 def _run_bench(
     suite: str,
     *,
-    out: Path | None,
     quick: bool,
     tasks: list[str] | None,
     methods: list[str] | None,
@@ -217,14 +318,12 @@ def _run_bench(
     moe: bool,
     jobs: int | None,
 ) -> dict[str, Any]:
-    from rich.console import Console
-
+    """One seed's results (validated and written by :func:`run_bench`)."""
     from .costs import Costs
     from .moe_rows import moe_rows, split_methods
 
     methods, moe_names = split_methods(methods, moe=moe)
 
-    console = console or Console(stderr=True)
     t_start = time.perf_counter()
     bar = _progress_factory(console, progress)
     s = make_suite(suite, quick=quick, seed=seed, tasks=tasks)
@@ -250,14 +349,14 @@ def _run_bench(
     rows: list[dict[str, Any]] = []
     with bar("evaluate references", 4) as b:
         t0 = time.perf_counter()
-        rows.append(_row("base", "reference", per_task=ev.accuracy(base, probes, task_list, "test"),
+        rows.append(_row("base", "reference", correct=ev.correct(base, probes, task_list, "test"),
                          params=enc_params + _n_params([], list(probes.values())),
                          seconds=round(time.perf_counter() - t0, 2), **costs.same(base, probes)))  # fmt: skip
         _adv(b)
         t0, per = time.perf_counter(), {}
         for t in task_list:
-            per |= ev.accuracy(ft_states[t.name], ft_heads, [t], "test")
-        rows.append(_row("individual", "reference", per_task=per,
+            per |= ev.correct(ft_states[t.name], ft_heads, [t], "test")
+        rows.append(_row("individual", "reference", correct=per,
                          params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2),
                          train_seconds=_sum(trainer.timings, "probe:", "finetune:"),
@@ -265,7 +364,7 @@ def _run_bench(
         _adv(b)
         t0 = time.perf_counter()
         rows.append(_row("multitask", "reference",
-                         per_task=ev.accuracy(full_state(s, mt_enc), mt_heads, task_list, "test"),
+                         correct=ev.correct(full_state(s, mt_enc), mt_heads, task_list, "test"),
                          params=enc_params + _n_params([], list(mt_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2),
                          train_seconds=trainer.timings.get("multitask"),
@@ -273,7 +372,7 @@ def _run_bench(
         _adv(b)
         t0 = time.perf_counter()
         rows.append(_row("ensemble", "reference",
-                         per_task=ev.ensemble_accuracy(list(ft_states.values()), ft_heads, task_list, "test"),
+                         correct=ev.ensemble_correct(list(ft_states.values()), ft_heads, task_list, "test"),
                          params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
                          seconds=round(time.perf_counter() - t0, 2),
                          **costs({t.name: list(ft_states.values()) for t in task_list}, ft_heads)))  # fmt: skip
@@ -284,7 +383,7 @@ def _run_bench(
     )
     rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=seed, progress=bar,
                      costs=costs, reused=reused)  # fmt: skip
-    _finish(rows, task_list)
+    _finish(rows, task_list, seed=seed)
 
     results = {
         "schema": report.SCHEMA_VERSION,
@@ -292,28 +391,28 @@ def _run_bench(
         "seed": seed,
         "quick": quick,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tasks": [
-            {
-                "name": t.name,
-                "description": t.description,
-                "classes": list(t.classes),
-                "sizes": {k: len(v) for k, v in t.splits.items()},
-            }
-            for t in task_list
-        ],
+        "tasks": [_task_entry(t) for t in task_list],
         "skipped_tasks": dict(s.skipped),
         "train_config": report.asdict_config(s.config),
         "cache": {"hits": trainer.cache_hits, "reused_rows": reused},
         "rows": rows,
+        "seeds": None,
         "environment": report.environment(),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
-    report.validate(results)
-    out = out or Path("bench-results") / f"{s.name}-{_dt.date.today().isoformat()}"
-    report.write(results, out)
-    report.print_table(results, console, out=out)
-    console.print(f"results written to {out}/ (wall time {results['wall_seconds']:.0f} s)")
     return results
+
+
+def _task_entry(t: Task) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "description": t.description,
+        "classes": list(t.classes),
+        **{f"n_{k}": len(t.splits[k]) for k in ("train", "val", "test")},
+        # set by suites that know their data's origin (a Debian package and its version)
+        "source": getattr(t, "source", None),
+        "source_version": getattr(t, "source_version", None),
+    }
 
 
 def _adv(b: Any) -> None:
