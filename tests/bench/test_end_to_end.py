@@ -148,3 +148,18 @@ def test_cli_selects_moe_rows_by_name_and_refuses_unknown_ones(quick_results, tm
     assert [r["method"] for r in res["rows"]][4:] == ["linear"]
     r = CliRunner().invoke(app, [*base, "--methods", "moe_tsk"])
     assert isinstance(r.exception, UnknownNameError) and "moe_task" in str(r.exception)
+
+
+def test_cli_refuses_seeds_that_are_not_integers(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from brickwork.bench.cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    args = ["bench", "--suite", "digits", "--quick", "--seeds", "0,x", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "--seeds" in r.output and "'0,x'" in r.output
+    assert not (tmp_path / "results.json").exists()
