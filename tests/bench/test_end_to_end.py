@@ -82,15 +82,17 @@ def test_seeds_repeat_the_bench_and_report_mean_and_std(bench_cache, tmp_path):
                     tasks=["digit", "rot90"], seeds=[0, 1], progress=False)  # fmt: skip
     validate(json.loads((tmp_path / "results.json").read_text()))
     validate(json.loads((tmp_path / "seed-1" / "results.json").read_text()))
-    assert res["seed"] == 0 and res["seeds"]["values"] == [0, 1]
+    assert (res["seed"], res["train_seed"]) == (0, 0) and res["seeds"]["values"] == [0, 1]
     one = json.loads((tmp_path / "seed-1" / "results.json").read_text())
-    assert one["seed"] == 1 and one["seeds"] is None
+    assert (one["seed"], one["train_seed"]) == (0, 1) and one["seeds"] is None
+    assert one["tasks"] == res["tasks"]  # the same splits, other fine-tunes
+    assert one["rows"][1]["correct"] != res["rows"][1]["correct"]
     for r, r1 in zip(res["rows"], one["rows"]):
         e = res["seeds"]["rows"][r["method"]]["normalized"]
         assert e["per_seed"] == [r["normalized"], r1["normalized"]]
         assert e["mean"] == pytest.approx((r["normalized"] + r1["normalized"]) / 2, abs=1e-4)
         assert e["std"] == pytest.approx(abs(r["normalized"] - r1["normalized"]) / 2**0.5, abs=1e-4)
-    assert "Across seeds 0, 1" in (tmp_path / "results.md").read_text()
+    assert "Across training seeds 0, 1" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow

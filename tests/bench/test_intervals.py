@@ -118,7 +118,7 @@ def test_bits_round_trip_and_cached_rows_without_them_are_recomputed(tmp_path, m
 def _results() -> dict:
     rows, tasks = _rows()
     return {
-        "schema": report.SCHEMA_VERSION, "suite": "digits", "seed": 0, "quick": True,
+        "schema": report.SCHEMA_VERSION, "suite": "digits", "seed": 0, "train_seed": 0, "quick": True,
         "created": "2026-12-01T00:00:00+00:00",
         "tasks": [{"name": t.name, "description": t.description, "classes": list(t.classes),
                    "n_train": N, "n_val": N, "n_test": N, "source": "mnist",
@@ -183,7 +183,7 @@ def test_seed_summary_is_mean_and_sample_std_per_row():
     for seed, (lin, ties) in enumerate([(0.70, 0.75), (0.72, 0.79), (0.74, None)]):
         rows = [{"method": "linear", "normalized": lin, "avg": lin - 0.1}]
         rows.append({"method": "ties", "normalized": ties, "avg": ties})
-        runs.append({"seed": seed, "rows": rows})
+        runs.append({"seed": 0, "train_seed": seed, "rows": rows})
     s = seed_summary(runs)
     assert s["values"] == [0, 1, 2]
     assert s["rows"]["linear"]["normalized"] == {"mean": 0.72, "std": 0.02,
@@ -212,7 +212,8 @@ def test_markdown_shows_intervals_comparisons_and_seeds():
     assert f"| 70.0 | {100 * lo:.1f}–{100 * hi:.1f} |" in md
     assert "worse: `dare_ties`; indistinguishable: `karcher`; better: `ties`, `moe_task`." in md
     assert (
-        "Across seeds 0, 0" in md and "| `linear` | 70.0 ± 0.0 | 70.0 ± 0.0 | 70.0 | 70.0 |" in md
+        "Across training seeds 0, 0" in md
+        and "| `linear` | 70.0 ± 0.0 | 70.0 ± 0.0 | 70.0 | 70.0 |" in md
     )
     assert f"`t` (2 classes): task t; {N} / {N} / {N}; mnist" in md
 

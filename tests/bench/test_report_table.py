@@ -78,7 +78,7 @@ def _results(tasks: list[str]) -> dict[str, Any]:
     rows += [row(m, "moe", 20 + i, hp, active=26_100_000 - i * 3_000_000, latency=5.9 - i)
              for i, (m, hp) in enumerate(MOE.items())]  # fmt: skip
     results = {
-        "schema": report.SCHEMA_VERSION, "suite": "text", "seed": 0, "quick": False,
+        "schema": report.SCHEMA_VERSION, "suite": "text", "seed": 0, "train_seed": 0, "quick": False,
         "created": "2026-11-24T12:00:00+00:00",
         "tasks": [{"name": t, "description": f"task {t}", "classes": ["a", "b"],
                    "n_train": 700, "n_val": 100, "n_test": 200, "source": "wordnet-base",

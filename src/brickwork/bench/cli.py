@@ -29,8 +29,9 @@ def bench(
     seeds: str | None = typer.Option(
         None,
         "--seeds",
-        help="Comma-separated seeds, e.g. 0,1,2: the whole bench once per seed, and mean ± std "
-        "across seeds per row (instead of --seed; costs one run per seed).",
+        help="Comma-separated training seeds, e.g. 0,1,2: the bench once per seed on the "
+        "splits of --seed (fine-tunes and merges redone), and mean ± std across seeds per row "
+        "(costs one run per seed).",
     ),
     no_moe: bool = typer.Option(False, "--no-moe", help="Leave out the MoE rows."),
     jobs: int | None = typer.Option(

@@ -6,7 +6,10 @@ active parameters), a rich table, and the environment (package versions, hardwar
 
     {
       "schema": "brickwork-bench/3",
-      "suite": str, "seed": int, "quick": bool, "created": ISO-8601 str,
+      "suite": str, "quick": bool, "created": ISO-8601 str,
+      "seed": int,                           # drew the splits (digits: and the base)
+      "train_seed": int,                     # of training, merges and MoE rows (= seed
+                                             # unless --seeds)
       "tasks": [{"name": str, "description": str, "classes": [str],
                  "n_train": int, "n_val": int, "n_test": int,   # examples per split
                  "source": str | null,               # where the data comes from (e.g. the
@@ -47,8 +50,9 @@ active parameters), a rich table, and the environment (package versions, hardwar
         "validation": null | {"avg": float, "tried": [{"params": {...}, "val_avg": float}
                                                       | {"params": {...}, "error": str}]}
       }],
-      "seeds": null | {                      # --seeds: the whole bench once per seed
-        "values": [int],                     # the first is this file's "seed"
+      "seeds": null | {                      # --seeds: the bench once per training seed,
+        "values": [int],                     # same splits; the first is this file's
+                                             # "train_seed"
         "rows": {method: {"normalized" | "avg": {"mean": float | null, "std": float | null,
                                                  "per_seed": [float | null]}}}
       },
@@ -62,12 +66,13 @@ examples (:mod:`brickwork.bench.stats`, seeded by ``seed``), the same resamples 
 row; *normalized* is recomputed on each resample against the resampled ``individual`` row.
 A row is ``better`` (``worse``) than ``linear`` when the 95 % interval of the paired
 difference of *normalized* lies above (below) 0, ``tie`` otherwise. ``seeds``: ``std`` is
-the sample standard deviation (ddof 1) over the seeds a row was ok in; each seed redraws
-the splits and retrains every fine-tune (digits: also its base).
+the sample standard deviation (ddof 1) over the seeds a row was ok in; each training seed
+retrains every fine-tune, the multitask model and the MoE routers and redoes the merges
+on the same splits and base, so ``std`` is training noise and the intervals test noise.
 
 Changes from ``brickwork-bench/2``: ``tasks[].sizes`` became ``n_train`` / ``n_val`` /
 ``n_test``; new ``tasks[].source`` / ``source_version``, ``rows[].correct`` / ``avg_ci`` /
-``normalized_ci`` / ``vs_linear`` and the top-level ``seeds``.
+``normalized_ci`` / ``vs_linear`` and the top-level ``train_seed`` and ``seeds``.
 """
 
 from __future__ import annotations
@@ -89,9 +94,10 @@ SCHEMA_VERSION = "brickwork-bench/3"
 SCHEMA_DOC = __doc__
 
 _TOP: dict[str, type | tuple[type, ...]] = {
-    "schema": str, "suite": str, "seed": int, "quick": bool, "created": str, "tasks": list,
-    "skipped_tasks": dict, "train_config": dict, "cache": dict, "rows": list,
-    "seeds": (dict, type(None)), "environment": dict, "wall_seconds": (int, float),
+    "schema": str, "suite": str, "seed": int, "train_seed": int, "quick": bool,
+    "created": str, "tasks": list, "skipped_tasks": dict, "train_config": dict,
+    "cache": dict, "rows": list, "seeds": (dict, type(None)), "environment": dict,
+    "wall_seconds": (int, float),
 }  # fmt: skip
 _NUM = (int, float)
 _ROW: dict[str, tuple[type, ...]] = {
@@ -375,8 +381,8 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
     values = seeds["values"]
     lines = [
         "",
-        f"Across seeds {', '.join(map(str, values))} (each seed redraws the splits and "
-        "retrains every fine-tune), mean ± standard deviation:",
+        f"Across training seeds {', '.join(map(str, values))} (each retrains every model "
+        "and redoes the merges on the same splits), mean ± standard deviation:",
         "",
         "| method | normalized | avg | " + " | ".join(f"seed {v}" for v in values) + " |",
         "|---|---:|---:|" + "---:|" * len(values),

@@ -257,14 +257,16 @@ def run_bench(
     bench runs (default 1: on a 2-core machine a second thread made training steps up to
     7x slower whenever anything else ran; None keeps torch's setting).
 
-    ``seeds`` (e.g. ``[0, 1, 2]``, instead of ``seed``): the whole bench once per seed (each
-    seed redraws the splits and retrains the fine-tunes); ``out`` gets the first seed's
-    results plus a ``seeds`` block (per row mean, standard deviation and per-seed values of
-    *normalized* and *avg*), ``out/seed-<s>/`` each other seed's full results."""
+    ``seed`` draws the splits (and the digits suite's base) and, by default, seeds the
+    training and the merges. ``seeds`` (e.g. ``[0, 1, 2]``): training seeds, the bench once
+    per seed on the same splits and base (fine-tunes, multitask model, merges and MoE rows
+    redone); ``out`` gets the first seed's results plus a ``seeds`` block (per row mean,
+    standard deviation and per-seed values of *normalized* and *avg*), ``out/seed-<s>/``
+    each other seed's full results. One seed (the default) costs one run, as before."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    values = list(dict.fromkeys(seeds)) if seeds else [seed]
+    values = list(dict.fromkeys(seeds)) if seeds else [seed]  # training seeds
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -272,8 +274,9 @@ def run_bench(
         runs = []
         for i, sd in enumerate(values):
             if len(values) > 1:
-                console.print(f"[bold]seed {sd}[/] ({i + 1} of {len(values)})")
-            runs.append(_run_bench(suite, quick=quick, tasks=tasks, methods=methods, seed=sd,
+                console.print(f"[bold]training seed {sd}[/] ({i + 1} of {len(values)})")
+            runs.append(_run_bench(suite, quick=quick, tasks=tasks, methods=methods, seed=seed,
+                                   train_seed=sd,
                                    progress=progress, console=console, moe=moe, jobs=jobs))  # fmt: skip
     finally:
         torch.set_num_threads(old_threads)
@@ -281,7 +284,7 @@ def run_bench(
     out = out or Path("bench-results") / f"{results['suite']}-{_dt.date.today().isoformat()}"
     for other in runs[1:]:
         report.validate(other)
-        report.write(other, Path(out) / f"seed-{other['seed']}")
+        report.write(other, Path(out) / f"seed-{other['train_seed']}")
     if len(runs) > 1:
         results["seeds"] = seed_summary(runs)
     report.validate(results)
@@ -293,7 +296,7 @@ def run_bench(
 
 
 def seed_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The ``seeds`` block of several runs' results (one per seed): per row, in the first
+    """The ``seeds`` block of several runs' results (one per training seed): per row, in the first
     run's order, ``normalized`` and ``avg`` as mean, sample std and per-seed values (None
     where the row was skipped or missing in a run)."""
     methods = list(dict.fromkeys(r["method"] for run in runs for r in run["rows"]))
@@ -303,7 +306,7 @@ def seed_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for k in ("normalized", "avg")}
         for m in methods
     }  # fmt: skip
-    return {"values": [run["seed"] for run in runs], "rows": rows}
+    return {"values": [run["train_seed"] for run in runs], "rows": rows}
 
 
 def _run_bench(
@@ -313,12 +316,13 @@ def _run_bench(
     tasks: list[str] | None,
     methods: list[str] | None,
     seed: int,
+    train_seed: int,
     progress: bool,
     console: Any,
     moe: bool,
     jobs: int | None,
 ) -> dict[str, Any]:
-    """One seed's results (validated and written by :func:`run_bench`)."""
+    """One training seed's results (validated and written by :func:`run_bench`)."""
     from .costs import Costs
     from .moe_rows import moe_rows, split_methods
 
@@ -329,7 +333,7 @@ def _run_bench(
     s = make_suite(suite, quick=quick, seed=seed, tasks=tasks)
     for name, why in s.skipped.items():
         console.print(f"[yellow]skipping task {name}:[/] {why}")
-    trainer = Trainer(s, progress=bar)
+    trainer = Trainer(s, progress=bar, seed=train_seed)
     task_list = s.tasks
     if jobs is None:
         jobs = 1 if quick else min(2, os.cpu_count() or 1)
@@ -379,9 +383,17 @@ def _run_bench(
         _adv(b)
     reused: list[str] = []
     rows += _merge_rows(
-        s, task_list, ev, finetunes, methods, seed=seed, progress=bar, reused=reused, costs=costs
+        s,
+        task_list,
+        ev,
+        finetunes,
+        methods,
+        seed=train_seed,
+        progress=bar,
+        reused=reused,
+        costs=costs,
     )
-    rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=seed, progress=bar,
+    rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=train_seed, progress=bar,
                      costs=costs, reused=reused)  # fmt: skip
     _finish(rows, task_list, seed=seed)
 
@@ -389,6 +401,7 @@ def _run_bench(
         "schema": report.SCHEMA_VERSION,
         "suite": s.name,
         "seed": seed,
+        "train_seed": train_seed,
         "quick": quick,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tasks": [_task_entry(t) for t in task_list],

@@ -208,10 +208,15 @@ def full_state(suite: Suite, trained: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 class Trainer:
-    """Probes, fine-tunes and the multitask model of one suite, cached."""
+    """Probes, fine-tunes and the multitask model of one suite, cached. ``seed``: of the
+    training (initialisation, batch order); default the suite's seed, which also draws its
+    splits: another ``seed`` retrains on the same data."""
 
-    def __init__(self, suite: Suite, *, progress: Progress | None = None) -> None:
+    def __init__(
+        self, suite: Suite, *, progress: Progress | None = None, seed: int | None = None
+    ) -> None:
         self.suite, self.progress = suite, progress
+        self.seed = suite.seed if seed is None else seed
         self.base_sum = suite.base_checksum()
         self._prepared: dict[tuple[str, str], list[Any]] = {}
         self.timings: dict[str, float] = {}  # key -> seconds it took to train (from meta)
@@ -230,7 +235,7 @@ class Trainer:
             encoder=self.suite.describe(),
             quick=self.suite.quick,
             tasks=[(t.name, t.fingerprint()) for t in tasks],
-            seed=self.suite.seed,
+            seed=self.seed,
             config=asdict(self.suite.config),
             base=self.base_sum,
         )
@@ -268,7 +273,7 @@ class Trainer:
                 len(task.classes),
                 iters=cfg.probe_iters,
                 l2=cfg.probe_l2,
-                seed=self.suite.seed,
+                seed=self.seed,
             )
             return head_tensors({task.name: h}, "head"), {"task": task.name}
 
@@ -283,7 +288,7 @@ class Trainer:
             trained, heads = _train(
                 self.suite, [task], {task.name: probe},
                 {task.name: self.prepared(task, "train")},
-                steps=self.suite.config.steps, seed=self.suite.seed,
+                steps=self.suite.config.steps, seed=self.seed,
                 progress=self.progress, label=f"fine-tune {task.name}",
             )  # fmt: skip
             return {**{f"enc.{k}": v for k, v in trained.items()}, **head_tensors(heads, "head")}, {
@@ -302,7 +307,7 @@ class Trainer:
         def make() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             trained, heads = _train(
                 self.suite, tasks, probes, {t.name: self.prepared(t, "train") for t in tasks},
-                steps=self.suite.config.multitask_steps, seed=self.suite.seed,
+                steps=self.suite.config.multitask_steps, seed=self.seed,
                 progress=self.progress, label="multitask",
             )  # fmt: skip
             return {**{f"enc.{k}": v for k, v in trained.items()}, **head_tensors(heads, "head")}, {
@@ -336,7 +341,7 @@ class Trainer:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         s = self.suite
-        spec = (s.name, s.quick, s.seed, [t.name for t in tasks], asdict(s.config))
+        spec = (s.name, s.quick, s.seed, [t.name for t in tasks], asdict(s.config), self.seed)
         ctx = mp.get_context("spawn")  # no fork of a process that holds torch threads
         n = min(jobs, len(todo))
         bar = self.progress(f"fine-tunes in {n} processes", len(todo)) if self.progress else None
@@ -357,13 +362,13 @@ def _train_job(spec: tuple[Any, ...], kind: str, names: list[str]) -> str:
     from .suites import TrainConfig, make_suite
 
     torch.set_num_threads(1)
-    name, quick, seed, task_names, config = spec
+    name, quick, seed, task_names, config, train_seed = spec
     key = (name, quick, seed, tuple(task_names), json.dumps(config, sort_keys=True))
     if key not in _WORKER_SUITES:
         suite = make_suite(name, quick=quick, seed=seed, tasks=task_names)
         suite.config = TrainConfig(**config)
         _WORKER_SUITES[key] = suite
-    trainer = Trainer(_WORKER_SUITES[key])
+    trainer = Trainer(_WORKER_SUITES[key], seed=train_seed)
     tasks = [trainer.suite.task(n) for n in names]
     if kind == "multitask":
         trainer.multitask(tasks)
