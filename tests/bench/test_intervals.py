@@ -4,9 +4,12 @@ rows built from known per-example correctness; the v3 schema; the charts."""
 from __future__ import annotations
 
 import copy
+import io
+from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from brickwork.bench import data as D
 from brickwork.bench import report, stats
@@ -216,6 +219,12 @@ def test_markdown_shows_intervals_comparisons_and_seeds():
         and "| `linear` | 70.0 ± 0.0 | 70.0 ± 0.0 | 70.0 | 70.0 |" in md
     )
     assert f"`t` (2 classes): task t; {N} / {N} / {N}; mnist" in md
+    console = Console(width=80, file=io.StringIO(), record=True)
+    report.print_table(results, console, out=Path("out"))
+    text = " ".join(console.export_text().split())
+    assert (
+        "this table: training seed 0; mean ± std over training seeds 0, 0: out/results.md" in text
+    )
 
 
 def test_charts_are_written(tmp_path):

@@ -384,7 +384,9 @@ def _seeds_section(results: dict[str, Any]) -> list[str]:
         f"Across training seeds {', '.join(map(str, values))} (each retrains every model "
         "and redoes the merges on the same splits), mean ± standard deviation:",
         "",
-        "| method | normalized | avg | " + " | ".join(f"seed {v}" for v in values) + " |",
+        "| method | normalized | avg | "
+        + " | ".join(f"normalized, seed {v}" for v in values)
+        + " |",
         "|---|---:|---:|" + "---:|" * len(values),
     ]
     for m, e in seeds["rows"].items():
@@ -455,9 +457,14 @@ def print_table(results: dict[str, Any], console: Any, *, out: Path | None = Non
     for r in rows:
         if r["status"] != "ok":
             say(f"{r['method']} skipped: {r['reason'] or 'no reason given'}")
+    where = f"{'' if out is None else f'{out}/'}results.md"
+    if results.get("seeds"):
+        seeds = ", ".join(map(str, results["seeds"]["values"]))
+        say(f"this table: training seed {results['train_seed']}; mean ± std over training "
+            f"seeds {seeds}: {where}")  # fmt: skip
     if not_shown:
         say(f"not shown at {width} columns: {'; '.join(not_shown)}")
-        say(f"every column and hyperparameter: {'' if out is None else f'{out}/'}results.md")
+        say(f"every column and hyperparameter: {where}")
 
 
 def _columns(results: dict[str, Any], names: dict[str, str]) -> list[Any]:
