@@ -47,7 +47,8 @@ def test_outputs_and_schema(lm_run):
     validate(on_disk)
     assert on_disk["schema"] == SCHEMA_VERSION and on_disk["metric"] == "perplexity"
     assert (out / "results.md").read_text().startswith("# brickwork bench — suite `lm`")
-    assert (out / "normalized.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("normalized.png", "active_params.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [t["name"] for t in on_disk["tasks"]] == [d.name for d in _READABLE]
     for t in on_disk["tasks"]:
         assert t["n_test"] > 0 and t["n_val"] > 0 and all(t["packages"].values())

@@ -183,9 +183,9 @@ def _m(n: int | None) -> str:
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
-    """Merge and MoE rows sorted by normalized score with their 95 % intervals; ``base``
-    (0) and ``individual`` (100) as lines; the y-range fits the intervals (rows far below
-    it are marked with their value at the bottom)."""
+    """Merge and MoE rows sorted by normalized score with their 95 % intervals, as bars
+    from the ``base`` level (0); ``base`` and ``individual`` (100) as lines; the y-range
+    fits the intervals (rows far below the rest are cut and marked with their value)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,8 +205,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     colors = {"merge": "tab:blue", "moe": "tab:orange"}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2.5), 4.2))
     for i, r in enumerate(rows):
-        y = max(ys[i], bottom)
-        ax.bar(i, y - bottom, bottom=bottom, color=colors[r["kind"]], width=0.7)
+        ax.bar(i, ys[i], color=colors[r["kind"]], width=0.7)  # from the base level (0)
         if ys[i] >= bottom:
             ax.errorbar(i, ys[i], yerr=[[ys[i] - max(lo[i], bottom)], [hi[i] - ys[i]]],
                         color="black", capsize=3, lw=1)  # fmt: skip

@@ -241,7 +241,10 @@ def finetune(
 
 def _finetune_job(spec: dict[str, Any]) -> float:
     """One fine-tune in a worker process (spawned, one torch thread)."""
+    from transformers.utils import logging as hf_logging
+
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per worker otherwise
     t0 = time.perf_counter()
     finetune(LMConfig(**spec["cfg"]), Path(spec["base"]), spec["seqs"], Path(spec["out"]),
              seed=spec["seed"], record=spec["record"])  # fmt: skip
