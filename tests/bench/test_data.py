@@ -36,12 +36,10 @@ def test_task_labels_are_the_wordnet_labels():
 
 
 @fortunes
-def test_fortune_labels_are_their_topic_files_and_offensive_topics_are_refused():
-    suite = make_suite("text", quick=True, tasks=["fortune_topic"])
-    t = suite.task("fortune_topic")
-    files = D.read_fortunes()
-    for text, y in zip(t.splits["test"].inputs, t.splits["test"].labels):
-        assert text in files[t.classes[y]]
+def test_fortunes_are_read_by_topic_file_and_offensive_topics_are_refused():
+    files = D.read_fortunes(["zippy", "platitudes"])
+    assert len(files["zippy"]) > 400 and all(e and "\n" not in e for e in files["zippy"])
+    assert any(e.startswith("Yow!") for e in files["zippy"])  # Zippy the Pinhead's line
     with pytest.raises(D.BrickworkError):
         D.read_fortunes(["ethnic"])
     with pytest.raises(D.BrickworkError):
@@ -49,11 +47,11 @@ def test_fortune_labels_are_their_topic_files_and_offensive_topics_are_refused()
 
 
 @wordnet
-@fortunes
 def test_splits_are_disjoint_balanced_and_deterministic():
-    a = make_suite("text", quick=True, seed=0)
-    b = make_suite("text", quick=True, seed=0)
-    c = make_suite("text", quick=True, seed=1)
+    names = ["noun_supersense", "verb_supersense", "gloss_pos", "word_pos"]
+    a = make_suite("text", quick=True, seed=0, tasks=names)
+    b = make_suite("text", quick=True, seed=0, tasks=names)
+    c = make_suite("text", quick=True, seed=1, tasks=names)
     seen: dict[str, set[str]] = {s: set() for s in D.SPLITS}
     for ta, tb, tc in zip(a.tasks, b.tasks, c.tasks):
         keys = {s: set(ta.splits[s].keys) for s in D.SPLITS}
@@ -63,9 +61,9 @@ def test_splits_are_disjoint_balanced_and_deterministic():
             assert ta.splits[s] == tb.splits[s]  # deterministic
             counts = [ta.splits[s].labels.count(i) for i in range(len(ta.classes))]
             assert len(set(counts)) == 1 and counts[0] > 0  # class-balanced
-            seen[s] |= keys[s]
+            seen[s] |= set(ta.splits[s].groups)
         assert ta.splits["test"].keys != tc.splits["test"].keys  # the seed matters
-    # buckets are global: no item is in one task's train split and another's test split
+    # buckets are by word across tasks: no word is in one task's train split and another's test
     assert not seen["train"] & seen["test"] and not seen["train"] & seen["val"]
 
 
@@ -79,15 +77,11 @@ def test_missing_debian_data_is_one_line_that_says_what_to_install(tmp_path):
 
 
 def test_suite_skips_tasks_whose_data_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(D, "FORTUNES_DIR", tmp_path / "nope")
-    monkeypatch.setattr(D.read_fortunes, "__defaults__", (D.FORTUNE_TOPICS,))
-    monkeypatch.setattr(D.read_fortunes, "__kwdefaults__", {"root": tmp_path / "nope"})
+    monkeypatch.setattr(D, "WORDNET_DIR", tmp_path / "nope")
     suite = make_suite("digits", quick=True)  # digits need no Debian package
     assert [t.name for t in suite.tasks] == ["digit", "rot90", "inverted", "mod4"]
-    if D.WORDNET_DIR.exists():
-        text = make_suite("text", quick=True)
-        assert "fortune_topic" in text.skipped and "fortunes" in text.skipped["fortune_topic"]
-        assert "fortune_topic" not in [t.name for t in text.tasks]
+    with pytest.raises(MissingDataError, match="apt-get install wordnet-base"):
+        make_suite("text", quick=True, tasks=["word_pos", "noun_supersense"])
 
 
 def test_hash_buckets_follow_the_documented_proportions():

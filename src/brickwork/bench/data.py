@@ -24,6 +24,7 @@ takes, per class, the ``k`` items with the smallest hash: class-balanced and det
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,9 @@ def _need(path: Path, package: str) -> Path:
     return path
 
 
-def read_wordnet(pos: str, *, root: Path = WORDNET_DIR) -> list[Synset]:
+def read_wordnet(pos: str, *, root: Path | None = None) -> list[Synset]:
     """All synsets of ``pos`` (``noun``, ``verb``, ``adj``, ``adv``) from WordNet's data file."""
-    path = _need(root / f"data.{pos}", "wordnet-base")
+    path = _need((root or WORDNET_DIR) / f"data.{pos}", "wordnet-base")
     out: list[Synset] = []
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -133,6 +134,239 @@ def read_mnist() -> tuple[Any, Any]:
     return (x / 255.0).astype("float32"), y.astype("int64")
 
 
+# ----------------------------------------------------------------------------- GCIDE
+
+GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
+
+#: Etymology sources recognised as the first word of an entry's etymology bracket.
+ETYM_LANGUAGES = frozenset((
+    "L.", "F.", "Gr.", "AS.", "OE.", "OF.", "NL.", "LL.", "It.", "Sp.", "G.", "D.", "Icel.",
+    "Ar.", "Heb.", "Pg.", "Skr.", "Per.", "Dan.", "Sw.", "W.", "Ir.", "Gael.", "Hind.", "Turk.",
+    "Russ.", "Chin.", "Jap.", "Malay.", "Prov.", "OHG.", "ML.",
+))  # fmt: skip
+#: Usage labels, written ``[Obs.]`` etc. after a sense; removed from every input text.
+USAGE_LABELS = (
+    "Obs.", "R.", "Colloq.", "Prov. Eng.", "Archaic", "Eng.", "Scot.", "Slang", "U. S.",
+    "Poetic", "Local, U. S.", "Humorous", "Obsolete", "Rare",
+)  # fmt: skip
+
+_G_HEAD = re.compile(r"(?P<head>[^\\\n]+?) \\[^\\\n]*\\")
+_G_POS = re.compile(r",\s*(?P<pos>(?:[a-z]+\.\s*)+(?:&\s*(?:[a-z]+\.\s*)+)?)")
+_G_FIELD = re.compile(r"[A-Z][A-Za-z]*\.(?: [A-Z][A-Za-z]*\.)*")
+_G_TAG = re.compile(r"\[(?:[^\[\]]*(?:Webster|WordNet|PJC|Century)[^\[\]]*)\]")
+_G_XREF = re.compile(r"(See|Same as|Alt\. of|Pl\. of|pl\. of|Plural of|Obs\. form)\b")
+_G_USAGE = re.compile(r"\[(" + "|".join(re.escape(u) for u in USAGE_LABELS) + r")\]")
+_G_ENTITY = re.compile(
+    r"\[(?:(?P<a>[\"'`^~=.,-])(?P<b>[A-Za-z])|(?P<c>[A-Za-z])(?P<d>[\"'`^~=.,-])"
+    r"|(?P<e>ae|AE|oe|OE)|(?P<f>[a-z])(?:mac|cr|sac))\]"
+)
+
+
+@dataclass(frozen=True)
+class GcideSense:
+    text: str  # the definition: labels, cross-reference braces and sources removed
+    field: str | None  # subject label, e.g. "Zool." (the sense's own, else its entry's)
+    usage: str | None  # usage label, e.g. "Obs."
+
+
+@dataclass(frozen=True)
+class GcideEntry:
+    index: int  # position in the dictionary
+    headword: str
+    pos: str | None  # as written: "n.", "v. t.", "a.", ...
+    etym: str | None  # the language the etymology starts with ("L.", "F.", ...), if any
+    senses: tuple[GcideSense, ...]  # only senses from Webster 1913 / PJC, not from WordNet
+
+
+def _gcide_clean(text: str) -> str:
+    def ent(m: re.Match[str]) -> str:
+        return m["b"] or m["c"] or m["e"] or m["f"] or ""
+
+    text = _G_ENTITY.sub(ent, text)
+    text = re.sub(r"\[[^\[\]]*\]", " ", text)  # any other bracket (e.g. "[Written also ...]")
+    text = text.replace("{", "").replace("}", "").replace("\\", "")
+    return " ".join(text.split()).strip(" ;,")
+
+
+def _depth(line: str) -> int:
+    return line.count("[") - line.count("]") + line.count("(") - line.count(")")
+
+
+def _top_groups(text: str, open_: str, close: str) -> list[str]:
+    """Contents of the top-level ``open_ ... close`` groups of ``text``."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == open_:
+            if depth == 0:
+                start = i + 1
+            depth += 1
+        elif ch == close and depth:
+            depth -= 1
+            if depth == 0:
+                out.append(text[start:i])
+    return out
+
+
+def _gcide_senses(paragraphs: list[str], field: str | None) -> list[GcideSense]:
+    out: list[GcideSense] = []
+    for par in paragraphs:
+        first = par.split("\n", 1)[0]
+        if not par.strip() or len(first) - len(first.lstrip()) > 4:
+            continue  # a quotation (indented deeper) or nothing
+        flat = " ".join(par.split())
+        if flat.startswith(("Note:", "Syn:", "{", "--", "[")):
+            continue
+        tags = _G_TAG.findall(flat)
+        if any("WordNet" in t for t in tags):
+            continue  # also in WordNet: the WordNet tasks' data, kept out of GCIDE's
+        flat = re.sub(r"^\d+\.\s*", "", flat)
+        own = None
+        m = re.match(r"\((?P<f>[^()]*)\)\s*", flat)
+        if m and _G_FIELD.fullmatch(m["f"]):
+            own, flat = m["f"], flat[m.end() :]
+        flat = re.sub(r"^\([a-z]\)\s*", "", flat).split(" (b) ")[0]
+        tag = _G_TAG.search(flat)
+        flat = flat[: tag.start()] if tag else flat
+        usage = _G_USAGE.search(flat)
+        flat = re.sub(r"\(" + _G_FIELD.pattern + r"\)", " ", _G_USAGE.sub(" ", flat))
+        text = _gcide_clean(flat)  # no label left in the input, e.g. "See Fur (Her.)"
+        if len(text) >= 12 and not _G_XREF.match(text):
+            out.append(GcideSense(text, own or field, usage[1] if usage else None))
+    return out
+
+
+def _gcide_entry(index: int, raw: str) -> GcideEntry | None:
+    m = _G_HEAD.match(raw)
+    if m is None:
+        return None
+    paragraphs = re.split(r"\n[ \t]*\n", raw[m.end() :])
+    lines = paragraphs[0].split("\n")
+    depth, n = 0, len(lines)
+    for i, line in enumerate(lines):  # the header: up to a line end outside any bracket
+        depth += _depth(line)
+        nxt = lines[i + 1].lstrip() if i + 1 < n else ""
+        if depth <= 0 and (not nxt or nxt[0].isupper() or nxt[0].isdigit() or nxt[0] == "("):
+            n = i + 1
+            break
+    header = " ".join(" ".join(lines[:n]).split())
+    header = re.sub(r"^\([^()]*\)", "", header).strip()  # pronunciation
+    pm = _G_POS.match(header)
+    pos = " ".join(pm["pos"].split()) if pm else None
+    etym = None
+    for g in _top_groups(header, "[", "]"):
+        word = g.split()[0] if g.split() else ""
+        if word[:1].isupper():
+            etym = word if word in ETYM_LANGUAGES else None
+            break
+    field = next((g for g in _top_groups(header, "(", ")") if _G_FIELD.fullmatch(g)), None)
+    usage = _G_USAGE.search(header)
+    senses = _gcide_senses(["\n".join(lines[n:]), *paragraphs[1:]], field)
+    if usage:
+        senses = [s if s.usage else GcideSense(s.text, s.field, usage[1]) for s in senses]
+    return GcideEntry(index, _gcide_clean(m["head"]), pos, etym, tuple(senses))
+
+
+def read_gcide(*, path: Path | None = None) -> list[GcideEntry]:
+    """Every entry of GCIDE (``dict-gcide``; the ``.dict.dz`` file is gzip-compatible; its
+    entries are the chunks named by the ``.index`` file next to it)."""
+    import gzip
+
+    path = path or GCIDE_PATH
+    with gzip.open(_need(path, "dict-gcide"), "rb") as f:
+        raw = f.read()
+    index = _need(path.with_name(path.name.replace(".dict.dz", ".index")), "dict-gcide")
+    spans = set()
+    for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and not parts[0].startswith("00-database"):
+            spans.add((_b64(parts[1]), _b64(parts[2])))
+    out: list[GcideEntry] = []
+    for i, (off, n) in enumerate(sorted(spans)):
+        e = _gcide_entry(i, raw[off : off + n].decode("utf-8", errors="replace"))
+        if e is not None:
+            out.append(e)
+    return out
+
+
+def _b64(s: str) -> int:
+    """dictd's base-64 numbers (offsets and lengths in a ``.index`` file)."""
+    n = 0
+    for ch in s:
+        n = n * 64 + _B64.index(ch)
+    return n
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+# ----------------------------------------------------------------------------- word lists
+
+WORDLIST_DIR = Path("/usr/share/dict")
+#: language -> (file in WORDLIST_DIR, Debian package)
+WORDLISTS: dict[str, tuple[str, str]] = {
+    "german": ("ngerman", "wngerman"),
+    "dutch": ("dutch", "wdutch"),
+    "portuguese": ("portuguese", "wportuguese"),
+    "polish": ("polish", "wpolish"),
+    "french": ("french", "wfrench"),
+    "spanish": ("spanish", "wspanish"),
+    "italian": ("italian", "witalian"),
+}
+WORD = re.compile(r"[^\W\d_]{4,}")
+
+
+def read_wordlist(
+    language: str, *, root: Path | None = None, sample: int | None = None
+) -> list[str]:
+    """The lowercased words of a language's spelling list (letters only, >= 4 of them), in
+    file order, without duplicates. ``sample``: about that many, every k-th line of the
+    file (the Polish list holds 4.3 million inflected forms)."""
+    file, package = WORDLISTS[language]
+    path = _need((root or WORDLIST_DIR) / file, package)
+    lines = path.read_text(encoding="utf-8", errors="replace").lower().split("\n")
+    step = 1 if sample is None else max(1, len(lines) // sample)
+    return list(dict.fromkeys(w for w in lines[::step] if WORD.fullmatch(w)))
+
+
+def wordlist_members(language: str, words: set[str], *, root: Path | None = None) -> set[str]:
+    """Which of ``words`` (lowercased) a language's spelling list holds."""
+    file, package = WORDLISTS[language]
+    text = _need((root or WORDLIST_DIR) / file, package).read_text(
+        encoding="utf-8", errors="replace"
+    )
+    return words.intersection(text.lower().split("\n"))
+
+
+def word_group(word: str) -> str:
+    """The bucket group of anything about ``word``: lowercased, accents stripped (as the
+    uncased tokenizer sees it), so a word's items share a split in every task and source."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", word.lower().strip())
+    return "".join(ch for ch in nfd if not unicodedata.combining(ch))
+
+
+def require(package: str) -> None:
+    """Raise :class:`MissingDataError` (one line: what to install) if the file the benchmark
+    reads from Debian ``package`` is missing."""
+    words = {pkg: WORDLIST_DIR / file for file, pkg in WORDLISTS.values()}
+    paths = {"wordnet-base": WORDNET_DIR, "dict-gcide": GCIDE_PATH, **words}
+    _need(paths.get(package, FORTUNES_DIR), package)
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of a Debian package (``dpkg-query``), or None."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-query") is None:
+        return None
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
+    )
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -156,6 +390,7 @@ class Split:
     inputs: tuple[Any, ...]
     labels: tuple[int, ...]
     keys: tuple[str, ...]  # item identities, for disjointness checks
+    groups: tuple[str, ...] = ()  # bucket groups (a word, across sources); () if ungrouped
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -171,21 +406,28 @@ def balanced_splits(
     per_class: dict[str, int],
     seed: int,
     value: Callable[[T], Any],
+    group: Callable[[T], str] | None = None,
 ) -> dict[str, Split]:
     """Class-balanced splits: per class and split, the ``per_class[split]`` items of that
-    bucket with the smallest hash. Raises if a class has too few items."""
+    bucket with the smallest hash. Raises if a class has too few items.
+
+    ``group``: items of one group (e.g. every entry, sense and gloss of one word, in any
+    source) share a bucket, hashed as ``item_hash(seed, "group", group(item))``; without it
+    an item's bucket comes from ``(seed, source, key)``."""
     index = {c: i for i, c in enumerate(classes)}
-    pools: dict[tuple[str, str], list[tuple[float, str, Any]]] = {}
+    pools: dict[tuple[str, str], list[tuple[float, str, Any, str]]] = {}
     for it in items:
         lab = label(it)
         if lab not in index:
             continue
         k = key(it)
         h = item_hash(seed, source, k)
-        pools.setdefault((bucket_of(h), lab), []).append((h, str(k), value(it)))
+        g = group(it) if group is not None else ""
+        b = bucket_of(item_hash(seed, "group", g)) if group is not None else bucket_of(h)
+        pools.setdefault((b, lab), []).append((h, str(k), value(it), g))
     out: dict[str, Split] = {}
     for split in SPLITS:
-        chosen: list[tuple[float, str, Any, int]] = []
+        chosen: list[tuple[float, str, Any, str, int]] = []
         for c in classes:
             pool = sorted(pools.get((split, c), []), key=lambda t: t[:2])
             need = per_class[split]
@@ -194,11 +436,12 @@ def balanced_splits(
                     f"{source}: class '{c}' has {len(pool)} {split} items, {need} needed; "
                     "lower the examples per class."
                 )
-            chosen += [(h, k, v, index[c]) for h, k, v in pool[:need]]
+            chosen += [(h, k, v, g, index[c]) for h, k, v, g in pool[:need]]
         chosen.sort(key=lambda t: t[:2])  # interleave classes deterministically
         out[split] = Split(
             inputs=tuple(t[2] for t in chosen),
-            labels=tuple(t[3] for t in chosen),
+            labels=tuple(t[4] for t in chosen),
             keys=tuple(t[1] for t in chosen),
+            groups=tuple(t[3] for t in chosen) if group is not None else (),
         )
     return out

@@ -43,9 +43,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +56,7 @@ from torch import nn
 
 from ..errors import BrickworkError, unknown_name
 from . import data as D
+from . import text_tasks as T
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Task:
     classes: tuple[str, ...]
     splits: dict[str, D.Split] = field(repr=False)
     description: str = ""
+    source: str = ""  # where the labels come from: Debian package(s), space-separated
+    source_version: str | None = None  # their installed versions, in the same order
 
     def fingerprint(self, splits: Sequence[str] = ("train",)) -> str:
         """Hash of the classes and of ``splits``' items and labels (training reads only train)."""
@@ -174,6 +180,14 @@ class Suite:
 # ============================================================================ text
 
 
+#: Bump when the trunk's hidden states change for the same inputs and :meth:`describe`.
+TRUNK_VERSION = "trunk-1"
+
+
+def _trunk_cache() -> Path:
+    return Path(os.environ.get("BRICKWORK_CACHE", ".cache/brickwork")) / "bench" / "trunk"
+
+
 class BertTrunk(nn.Module):
     """The frozen lower part of a BERT: embeddings and the first ``n_layers`` layers."""
 
@@ -217,45 +231,24 @@ def _run_layers(
     return h
 
 
-_NOUN_CLASSES = tuple(
-    c for c in D.LEXNAMES if c.startswith("noun.") and c not in ("noun.Tops", "noun.motive")
-)
-_VERB_CLASSES = tuple(c for c in D.LEXNAMES if c.startswith("verb.") and c != "verb.weather")
-_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
-
-
 class TextSuite(Suite):
     name = "text"
     feature_dim = 384
     max_len = 24
-    frozen_layers = 3  # embeddings + layers 0..2 frozen and shared; layers 3..5 trained
+    frozen_layers = 4  # embeddings + layers 0..3 frozen and shared; layers 4..5 trained
 
-    _SIZES: dict[str, tuple[int, int, int]] = {
-        "noun_supersense": (100, 4, 10),
-        "verb_supersense": (60, 7, 16),
-        "gloss_pos": (400, 25, 60),
-        "word_pos": (400, 25, 60),
-        "fortune_topic": (200, 10, 20),
-    }
-    _QUICK: dict[str, tuple[int, int, int]] = {
-        "noun_supersense": (4, 1, 1),
-        "verb_supersense": (6, 1, 2),
-        "gloss_pos": (20, 4, 6),
-        "word_pos": (20, 4, 6),
-        "fortune_topic": (10, 2, 3),
-    }
-    default_tasks = ("noun_supersense", "gloss_pos", "word_pos", "fortune_topic")
+    default_tasks = T.DEFAULT_TASKS
 
     def __init__(self, *, quick: bool, seed: int, tasks: Sequence[str] | None) -> None:
         self._tok = None
         self._model_path: str | None = None
         self._bert_model: nn.Module | None = None
         self._trunk: BertTrunk | None = None
-        self._wordnet: dict[str, list[D.Synset]] = {}
+        self._data = T.TextData()
         super().__init__(quick=quick, seed=seed, tasks=tasks)
 
     def task_names(self) -> list[str]:
-        return list(self._SIZES)
+        return list(T.TASKS)
 
     def default_task_names(self) -> list[str]:
         return list(self.default_tasks)
@@ -265,68 +258,10 @@ class TextSuite(Suite):
             return TrainConfig(steps=6, batch_size=16, lr=3e-4, probe_iters=20, multitask_steps=8)
         return TrainConfig(steps=150, batch_size=32, lr=5e-4, multitask_steps=300)
 
-    def _sizes(self, task: str) -> dict[str, int]:
-        sizes = (self._QUICK if self.quick else self._SIZES)[task]
-        return dict(zip(D.SPLITS, sizes))
-
-    def _synsets(self, *pos: str) -> list[D.Synset]:
-        out: list[D.Synset] = []
-        for p in pos:
-            if p not in self._wordnet:
-                self._wordnet[p] = D.read_wordnet(p)
-            out += self._wordnet[p]
-        return out
-
     def build_task(self, name: str) -> Task:
-        per_class, seed = self._sizes(name), self.seed
-
-        def wn(
-            items: list[D.Synset],
-            label: Callable[[D.Synset], str],
-            classes: Sequence[str],
-            text: Callable[[D.Synset], str] = lambda s: s.gloss,
-        ) -> dict[str, D.Split]:
-            return D.balanced_splits(
-                items,
-                source="wordnet",
-                key=lambda s: f"{s.pos}{s.offset:08d}",
-                label=label,
-                classes=classes,
-                per_class=per_class,
-                seed=seed,
-                value=text,
-            )
-
-        if name == "noun_supersense":
-            splits = wn(self._synsets("noun"), lambda s: s.lexname, _NOUN_CLASSES)
-            return Task(name, _NOUN_CLASSES, splits, "WordNet noun gloss -> supersense")
-        if name == "verb_supersense":
-            splits = wn(self._synsets("verb"), lambda s: s.lexname, _VERB_CLASSES)
-            return Task(name, _VERB_CLASSES, splits, "WordNet verb gloss -> supersense")
-        if name == "gloss_pos":
-            classes = ("noun", "verb", "adjective", "adverb")
-            synsets = self._synsets("noun", "verb", "adj", "adv")
-            splits = wn(synsets, lambda s: _POS[s.pos], classes)
-            return Task(name, classes, splits, "WordNet gloss -> part of speech")
-        if name == "word_pos":
-            classes = ("noun", "verb", "adjective", "adverb")
-            synsets = self._synsets("noun", "verb", "adj", "adv")
-            splits = wn(synsets, lambda s: _POS[s.pos], classes, lambda s: s.words[0])
-            return Task(name, classes, splits, "WordNet lemma -> part of speech")
-        topics = D.FORTUNE_TOPICS
-        fortunes = D.read_fortunes(topics)
-        items = [(t, e) for t in topics for e in fortunes[t]]
-        splits = D.balanced_splits(
-            items,
-            source="fortunes",
-            key=lambda it: f"{it[0]}:{hashlib.sha256(it[1].encode()).hexdigest()[:16]}",
-            label=lambda it: it[0],
-            classes=topics,
-            per_class=per_class,
-            seed=seed,
-            value=lambda it: it[1],
-        )
-        return Task(name, topics, splits, "fortune -> topic file")
+        spec = T.TASKS[name]
+        splits = T.build(name, self._data, quick=self.quick, seed=self.seed)
+        return Task(name, spec.classes, splits, spec.description, *T.source_of(name))
 
     def _path(self) -> str:
         if self._model_path is None:
@@ -381,7 +316,29 @@ class TextSuite(Suite):
 
     def prepare(self, split: D.Split) -> list[torch.Tensor]:
         """Token ids -> the frozen trunk's hidden states, one ``(tokens, hidden)`` tensor per
-        example; computed once per split, so training and evaluation run only the top."""
+        example; computed once per split and cached on disk (float16, also when computed
+        here, so a cached run sees the same numbers), so training and evaluation run only
+        the top."""
+        from safetensors.torch import load_file, save_file
+
+        blob = json.dumps([self.describe(), TRUNK_VERSION, list(split.inputs)]).encode()
+        path = _trunk_cache() / f"{hashlib.sha256(blob).hexdigest()[:24]}.safetensors"
+        if path.exists():
+            t = load_file(str(path))
+        else:
+            hs = self._trunk_states(split)
+            t = {
+                "h": torch.cat(hs).half() if hs else torch.empty(0, self.feature_dim).half(),
+                "n": torch.tensor([h.shape[0] for h in hs], dtype=torch.int64),
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            os.close(fd)
+            save_file(t, tmp)
+            os.replace(tmp, path)
+        return list(t["h"].float().split(t["n"].tolist()))  # (tokens, hidden) each
+
+    def _trunk_states(self, split: D.Split) -> list[torch.Tensor]:
         enc = self.tokenizer()(list(split.inputs), truncation=True, max_length=self.max_len)
         ids = [list(x) for x in enc["input_ids"]]
         out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
