@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.brickwork-installed
 TORCH  := torch==2.13.0
-DEBS   := wordnet-base fortunes fortunes-min
+DEBS   := wordnet-base fortunes fortunes-min dict-gcide wngerman wdutch wportuguese wpolish wfrench wspanish witalian
 
 .PHONY: demo test lint format setup debs bench-merge clean
 
@@ -23,9 +23,14 @@ debs:
 	@missing=""; \
 	test -d /usr/share/wordnet || missing="$$missing wordnet-base"; \
 	test -f /usr/share/games/fortunes/zippy || missing="$$missing fortunes fortunes-min"; \
+	test -f /usr/share/dictd/gcide.dict.dz || missing="$$missing dict-gcide"; \
+	for p in ngerman:wngerman dutch:wdutch portuguese:wportuguese polish:wpolish \
+	         french:wfrench spanish:wspanish italian:witalian; do \
+	  test -f /usr/share/dict/$${p%%:*} || missing="$$missing $${p#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "note: Debian packages missing:$$missing (sudo apt-get install$$missing); the benchmark skips what needs them"; fi; \
 	fi
 
