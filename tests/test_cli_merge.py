@@ -369,8 +369,8 @@ def test_executor_streams_and_keeps_no_references(llama_family, method):
     for ck in ckpts.values():
         real = ck.get
 
-        def spy(name, real=real):
-            t = real(name)
+        def spy(name, real=real, **kw):
+            t = real(name, **kw)
             live_inputs.append(weakref.ref(t))
             return t
 

@@ -113,7 +113,10 @@ class Checkpoint:
             raise CheckpointError(f"{d / 'config.json'}: not valid JSON ({e}).") from None
 
     # -- data ----------------------------------------------------------------------------
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``. ``buffer``: a uint8 tensor of at least the tensor's bytes that
+        a file reader may read into instead of fresh memory (the result is then a view of it:
+        convert or copy it before reusing the buffer); in-memory checkpoints ignore it."""
         raise NotImplementedError
 
     def files(self) -> list[Path]:
@@ -194,7 +197,7 @@ class StateDictCheckpoint(Checkpoint):
                 )
             self._infos[k] = TensorInfo(k, tuple(t.shape), t.dtype)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[name]
 
 
@@ -276,17 +279,21 @@ class SafetensorsCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory with plain file reads.
+    def get(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into fresh memory (or into ``buffer``) with plain file reads.
 
         Not memory-mapped on purpose: pages of a mapping stay in the process's resident
         set until it is unmapped, so a merge that mapped its inputs would show their whole
-        size as RSS; reading also avoids one page fault per 4 KiB.
+        size as RSS; reading also avoids one page fault per 4 KiB (and none at all into a
+        reused ``buffer``).
         """
         f = self._where[name]
         info = self._infos[name]
         offset, nbytes = self._span[name]
-        buf = torch.empty(nbytes, dtype=torch.uint8)  # (bytes,)
+        if buffer is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)  # (bytes,)
+        else:
+            buf = buffer.reshape(-1)[:nbytes]
         view = memoryview(buf.numpy())
         with self._lock:
             fh = self._handles.get(f)
@@ -325,7 +332,7 @@ class TorchCheckpoint(Checkpoint):
     def files(self) -> list[Path]:
         return list(self._files)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[name]
 
 

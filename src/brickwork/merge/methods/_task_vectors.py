@@ -49,4 +49,4 @@ def combine_task_vectors(
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
-    return base + mixed
+    return mixed.add_(base)  # base + mixed, in place: no fresh output tensor
