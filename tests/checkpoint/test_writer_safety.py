@@ -362,7 +362,9 @@ def test_sentence_transformers_pipeline_survives_a_merge(tmp_path, run_cli):
     a, b = tmp_path / "a", tmp_path / "b"
     src.save(str(a))
     src.save(str(b))
-    r = write_yaml(tmp_path / "r.yaml", {"method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]})
+    r = write_yaml(
+        tmp_path / "r.yaml", {"method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}
+    )
     out = tmp_path / "out"
     code, _, err = run_cli("merge", r, out, "-q")
     assert code == 0, err
