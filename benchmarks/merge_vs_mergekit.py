@@ -6,6 +6,7 @@ tools as separate processes, and compares the outputs tensor by tensor.
 
     .venv/bin/python benchmarks/merge_vs_mergekit.py            # ≈0.5B parameters
     .venv/bin/python benchmarks/merge_vs_mergekit.py --size tiny  # smoke run, seconds
+    .venv/bin/python benchmarks/merge_vs_mergekit.py --size 0.1b  # 134M parameters, minutes
 
 Results go to ``benchmarks/results/merge_vs_mergekit.{json,md}`` (see benchmarks/README.md).
 """
@@ -45,6 +46,14 @@ SIZES: dict[str, dict[str, int]] = {
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=1000,
+    ),
+    "0.1b": dict(  # 134M parameters, 0.27 GB per model: profiling, quick comparisons
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
     ),
     "0.5b": dict(  # 477M parameters, 0.95 GB per model in bfloat16
         hidden_size=1024,
@@ -181,6 +190,12 @@ def recipes(paths: dict[str, Path], dtype: str) -> dict[str, dict[str, Any]]:
             "models": weighted([1.0, 0.7, 0.5], density=TIES_DENSITY),
             **out,
         },
+        "model_stock": {  # not in the default --recipes
+            "merge_method": "model_stock",
+            "base_model": p["base"],
+            "models": [{"model": p[m]} for m in ("ft1", "ft2", "ft3")],
+            **out,
+        },
         "slerp": {  # the usual two-model slerp with per-module gradients
             "merge_method": "slerp",
             "base_model": p["ft1"],
@@ -271,11 +286,13 @@ class _Tensors:
 
 
 def _at_threshold(name: str, inputs: dict[str, _Tensors], ties: dict[str, Any]) -> torch.Tensor:
-    """Entries where some model's |task vector| equals its magnitude-trim threshold."""
-    base = inputs[ties["base_model"]].get(name).float()
+    """Entries where some model's |task vector| equals its magnitude-trim threshold. Task
+    vectors are computed in the recipe's ``dtype``, as both tools compute them."""
+    dtype = getattr(torch, ties["dtype"])
+    base = inputs[ties["base_model"]].get(name).to(dtype)
     mask = torch.zeros(base.shape, dtype=torch.bool)
     for entry in ties["models"]:
-        mag = (inputs[entry["model"]].get(name).float() - base).abs()
+        mag = (inputs[entry["model"]].get(name).to(dtype) - base).abs().float()
         k = max(1, int(entry["parameters"]["density"] * mag.numel()))
         thr = torch.topk(mag.reshape(-1), k, sorted=False).values.min()
         mask |= mag == thr
@@ -451,17 +468,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="0.5b")
     ap.add_argument("--workdir", type=Path, default=ROOT / ".cache/brickwork/bench-merge")
-    ap.add_argument("--recipes", default="linear,task_arithmetic,ties,slerp")
+    ap.add_argument(
+        "--recipes", default="linear,task_arithmetic,ties,slerp", help="also: model_stock"
+    )
     ap.add_argument(
         "--dtypes",
         default="float32,bfloat16",
-        help="recipe `dtype:` values (mergekit's compute dtype for task_arithmetic/ties)",
+        help="recipe `dtype:` values: the compute dtype of both tools (linear and slerp "
+        "accumulate in float32 either way)",
     )
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool, order alternating")
     ap.add_argument("--brickwork", type=Path, default=Path(sys.executable).parent / "brickwork")
     ap.add_argument("--mergekit", type=Path, default=ROOT / ".venv-mergekit/bin/mergekit-yaml")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
     ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument(
+        "--tag", default="", help="suffix of the result files (e.g. a commit), so earlier ones stay"
+    )
     args = ap.parse_args(argv)
     console = Console()
     paths = build_checkpoints(args.workdir, args.size, console)
@@ -499,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{dtype:8} {name:15} #{rep} {tool:9} {wall:7.1f} s (CPU {cpu:5.1f} s)  "
                         f"peak RSS {rss:7.0f} MB  anon {anon:7.0f} MB  load {lb:.2f}"
                     )
-            ties = all_recipes[name] if name == "ties" and dtype == "float32" else None
+            ties = all_recipes[name] if name == "ties" else None
             diffs[f"{dtype}/{name}"] = d = compare(
                 outs["brickwork"], outs["mergekit"], ties=ties, inputs=inputs
             )
@@ -522,12 +545,16 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": round(os.getloadavg()[0], 2),
         "versions": _versions(args.mergekit.parent / "python"),
         "hardware": _hardware(),
-        "recipes": {k: v for k, v in recipes(paths, "float32").items() if k in args.recipes},
+        "recipes": {  # per recipe `dtype:`
+            dtype: {k: v for k, v in recipes(paths, dtype).items() if k in args.recipes}
+            for dtype in args.dtypes.split(",")
+        },
         "summary": summarise(runs, diffs),
         "runs": [asdict(r) for r in runs],
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = "merge_vs_mergekit" if args.size == "0.5b" else f"merge_vs_mergekit_{args.size}"
+    stem += f"_{args.tag}" if args.tag else ""
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(result))
     print_table(result)
