@@ -14,13 +14,14 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import lm_data as LD
 from .train import cache_key, cache_root
 
 #: Bump when a change here changes what training produces.
@@ -272,3 +273,80 @@ def finetune_all(jobs: list[dict[str, Any]], *, processes: int, progress: Any = 
             f.result()  # re-raises a worker's error here
             if progress is not None:
                 progress()
+
+
+# ----------------------------------------------------------------------------- the models of a run
+
+
+class Models:
+    """The tokenizer, base and fine-tunes of one configuration: cached HF directories."""
+
+    def __init__(self, cfg: LMConfig, texts: Mapping[str, LD.DomainText], seed: int) -> None:
+        self.cfg, self.texts, self.seed = cfg, texts, seed
+        fps = [(d, t.fingerprint()) for d, t in texts.items()]
+        self.base_key = model_key("base", cfg=cfg.pretrain_part(), data=fps, seed=seed)
+        ft = {"steps": cfg.finetune_steps, "lr": cfg.finetune_lr}
+        self.keys = {d: model_key("finetune", base=self.base_key, domain=d, data=fp,
+                                  cfg=ft, seed=seed) for d, fp in fps}  # fmt: skip
+        self.hits: dict[str, bool] = {}
+        self.train_seconds: dict[str, float | None] = {}
+
+    def dir(self, key: str) -> Path:
+        return cache_root() / f"lm-{key}"
+
+    def prepare(self, *, jobs: int, bar: Callable[[str, int], Any]) -> None:
+        """Train (or find in the cache) the base and every fine-tune."""
+        cfg = self.cfg
+        self.hits["base"] = cached_dir(self.base_key) is not None
+        if not self.hits["base"]:
+            tok = LD.train_tokenizer(LD.tokenizer_sample(self.texts, cfg.tokenizer_docs),
+                                     cfg.vocab_size)  # fmt: skip
+            need = math.ceil(cfg.pretrain_steps * cfg.batch_size / len(self.texts))
+            seqs = [s for t in self.texts.values()
+                    for s in LD.sequences(tok, t.buckets["pretrain"], cfg.seq_len, need)]  # fmt: skip
+            with bar("pretrain the base", cfg.pretrain_steps) as b:
+                pretrain(cfg, tok, seqs, self.dir(self.base_key), seed=self.seed,
+                         record={"kind": "bench.lm.base", "config": asdict(cfg),
+                                 "domains": list(self.texts), "sequences": len(seqs)},
+                         progress=b.advance if b is not None else None)  # fmt: skip
+        self.tokenizer = self._tokenizer()
+        todo = []
+        for d, key in self.keys.items():
+            self.hits[d] = cached_dir(key) is not None
+            if not self.hits[d]:
+                n = cfg.finetune_steps * cfg.batch_size
+                seqs = LD.sequences(
+                    self.tokenizer, self.texts[d].buckets["finetune"], cfg.seq_len, n
+                )
+                todo.append({"cfg": asdict(cfg), "base": str(self.dir(self.base_key)),
+                             "seqs": seqs, "out": str(self.dir(key)), "seed": self.seed,
+                             "record": {"kind": "bench.lm.finetune", "domain": d,
+                                        "base": self.base_key, "sequences": len(seqs)}})  # fmt: skip
+        with bar(f"fine-tunes ({min(jobs, max(1, len(todo)))} processes)", len(todo)) as b:
+            finetune_all(todo, processes=jobs, progress=b.advance if b is not None else None)
+        for name, key in [("base", self.base_key), *self.keys.items()]:
+            rec = read_json(self.dir(key) / "brickwork.json")
+            self.train_seconds[name] = rec.get("train_seconds")
+
+    def _tokenizer(self) -> Any:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(self.dir(self.base_key)))
+
+    def load(self, key: str) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(self.dir(key)), dtype=torch.float32)
+
+    def state(self, key: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.dir(key) / "model.safetensors"))
+
+
+def read_json(p: Path) -> dict[str, Any]:
+    """A JSON file's object; {} when it is missing or unreadable."""
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
