@@ -388,9 +388,67 @@ def test_model_stock_filter_wise_uses_one_ratio_per_row():
             for i in range(n)
             for j in range(i + 1, n)
         ]
-        c = max(0.0, float(sum(cos) / len(cos)))
+        c = float(sum(cos) / len(cos))  # may be negative for a row: no clamp by default
         t = n * c / (1 + (n - 1) * c)
         _close(out[r], t * sum(x[r] for x in thetas) / n + (1 - t) * base[r])
+
+
+def _opposed():
+    """Three fine-tunes whose task vectors point away from each other: mean cosine < 0."""
+    base = torch.zeros(2, 3)
+    taus = [torch.tensor([[1.0, 0, 0], [0, 1, 0]]), torch.tensor([[-1.0, 0.2, 0], [0, -1, 0.1]])]
+    taus.append(torch.tensor([[0.1, -0.9, 0.3], [0.4, 0.2, -1.0]]))
+    return base, [base + t for t in taus]
+
+
+def test_model_stock_negative_cosine_and_clamp_cosine():
+    base, thetas = _opposed()
+    n = len(thetas)
+    taus = [(t - base).reshape(-1) for t in thetas]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    c = sum(float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm())) for i, j in pairs) / 3
+    assert c < 0  # the case the parameter is about
+    raw = merge_state_dicts("model_stock", [{"w": t} for t in thetas], base={"w": base})["w"]
+    t = n * c / (1 + (n - 1) * c)  # negative: away from the fine-tunes' average (as mergekit)
+    torch.testing.assert_close(raw, t * sum(thetas) / n + (1 - t) * base)
+    clamped = merge_state_dicts(
+        "model_stock",
+        [{"w": t} for t in thetas],
+        base={"w": base},
+        parameters={"clamp_cosine": True},
+    )["w"]
+    torch.testing.assert_close(clamped, base)
+
+
+def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
+    base = torch.zeros(1, 2)
+    thetas = [torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])]  # cosθ = −1 = −1/(N−1)
+    out = merge_state_dicts("model_stock", [{"w": t} for t in thetas], base={"w": base})["w"]
+    assert torch.equal(out, base)
+
+
+def test_model_stock_in_bfloat16_follows_mergekit_order():
+    """mergekit's arithmetic, every step in bfloat16: cosines from the task vectors' dot
+    product over the product of their norms (clamped at 1e-6), mean, ratio, the fine-tunes
+    summed in order and divided by N, then t·avg + (1 − t)·base."""
+    bf = torch.bfloat16
+    base, thetas = _model_stock_inputs()
+    base, thetas = base.to(bf), [t.to(bf) for t in thetas]
+    n = len(thetas)
+    taus = [(t - base).reshape(-1) for t in thetas]
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = torch.norm(taus[i], dim=-1) * torch.norm(taus[j], dim=-1)
+            cos.append(((taus[i] * taus[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0)
+    t = (n * c) / (1 + (n - 1) * c)
+    avg = (thetas[0] + thetas[1] + thetas[2]) / n
+    expected = t * avg + (1 - t) * base
+    out = merge_state_dicts(
+        "model_stock", [_sd(x) for x in thetas], base=_sd(base), compute_dtype="bfloat16"
+    )["w"]
+    assert out.dtype == bf and torch.equal(out, expected)
 
 
 # -- passthrough ---------------------------------------------------------------------------------
