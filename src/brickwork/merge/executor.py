@@ -96,7 +96,10 @@ class BufferPool:
                 self._bytes -= old.numel()
 
 
-def _compute_dtype_of(job: Job, ckpts: dict[str, Checkpoint], dtype: torch.dtype | None):
+def _compute_dtype_of(
+    job: Job, ckpts: dict[str, Checkpoint], dtype: torch.dtype | None
+) -> torch.dtype:
+    """``dtype``, or (``None``) the promoted dtype of the job's inputs as stored."""
     if dtype is not None:
         return dtype
     sources = [*job.inputs, *([job.base] if job.base is not None else [])]
