@@ -159,7 +159,11 @@ def merge(
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash inputs while merging
         digests = {k: pool.submit(ck.checksum) for k, ck in ckpts.items()}
         with CheckpointWriter(
-            out, [j.info for j in plan.jobs], shard_size=shard_size, force=force
+            out,
+            [j.info for j in plan.jobs],
+            shard_size=shard_size,
+            force=force,
+            side_files=ckpts[plan.reference].model_dir,
         ) as writer:
             execute(
                 plan,
@@ -172,7 +176,6 @@ def merge(
             )
             ref = ckpts[plan.reference]
             _write_config(writer, ref, plan, out_dtype)
-            writer.copy_from(ref.model_dir)
             inputs = {k: f.result() for k, f in digests.items()}
             env = environment()
             writer.add_text(
