@@ -409,3 +409,18 @@ def test_corrupt_config_json(run_cli, tmp_path, llama_family):
     r = _recipe(tmp_path, llama_family, base=str(d))
     _fails(run_cli, tmp_path, r, "config.json")
     json.loads((llama_family.base / "config.json").read_text())  # the original is untouched
+
+
+def test_linear_weights_that_sum_to_zero_are_refused(run_cli, tmp_path, llama_family):
+    # normalize: true divides by the sum of the weights; mergekit writes inf / nan here
+    r = _recipe(
+        tmp_path,
+        llama_family,
+        method="linear",
+        models=[
+            {"model": str(llama_family.ft1), "parameters": {"weight": 1.0}},
+            {"model": str(llama_family.ft2), "parameters": {"weight": -1.0}},
+        ],
+        parameters={},
+    )
+    _fails(run_cli, tmp_path, r, "sum to 0", "normalize: false", "tensor '")

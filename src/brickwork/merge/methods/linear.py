@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import MergeComputationError
 from ..registry import merge_method
 from ._params import Weight
 
@@ -13,6 +14,12 @@ def linear(
     """Weighted average of the models: Σ w_i θ_i / Σ w_i (plain sum when not normalized).
     Accumulated in float32 (float64 for float64 inputs) whatever the compute dtype, as
     mergekit does; returned in the compute dtype."""
+    if normalize and abs(sum(weight)) < 1e-12:
+        raise MergeComputationError(
+            f"linear: the weights {list(weight)} sum to 0, and normalize: true divides by "
+            "their sum (mergekit writes inf / nan here). Give weights that do not sum to 0, "
+            "or set normalize: false for a plain weighted sum."
+        )
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     w = torch.tensor(list(weight), dtype=dtype, device=first.device)  # (models,)
