@@ -165,3 +165,18 @@ def test_cli_refuses_seeds_that_are_not_integers(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "--seeds" in r.output and "'0,x'" in r.output
     assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_refuses_seeds_for_the_lm_suite(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from brickwork.bench.cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    args = ["bench", "--suite", "lm", "--quick", "--seeds", "0,1", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "--seeds" in r.output and "lm suite" in r.output
+    assert not (tmp_path / "results.json").exists()

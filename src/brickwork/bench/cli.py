@@ -46,6 +46,12 @@ def bench(
     if suite == "lm":  # the language-model suite has its own runner (bench/lm.py)
         from .lm import run_lm_bench
 
+        if seeds is not None:
+            raise typer.BadParameter(
+                "the lm suite runs one seed (--seed); --seeds is for the text and digits suites",
+                param_hint="--seeds",
+            )
+
         run_lm_bench(out=out, quick=quick, tasks=_split(tasks), methods=_split(methods),
                      seed=seed, moe=not no_moe, jobs=jobs, threads=threads)  # fmt: skip
         return
