@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[hf,bench,dev]"
 	touch $(STAMP)
 
-# Real labelled text for the benchmark comes from Debian packages; install them when we can.
+# Real labelled text for the benchmark comes from Debian packages (text suite: WordNet, GCIDE,
+# fortunes, spelling lists; lm suite: GCIDE, FOLDOC, Jargon, English and German fortunes);
+# install them when we can.
 debs:
 	@missing=""; \
 	test -d /usr/share/wordnet || missing="$$missing wordnet-base"; \
 	test -f /usr/share/games/fortunes/zippy || missing="$$missing fortunes fortunes-min"; \
 	test -f /usr/share/dictd/gcide.dict.dz || missing="$$missing dict-gcide"; \
+	test -f /usr/share/dictd/foldoc.dict.dz || missing="$$missing dict-foldoc"; \
+	test -f /usr/share/dictd/jargon.dict.dz || missing="$$missing dict-jargon"; \
+	test -d /usr/share/games/fortunes/de || missing="$$missing fortunes-de"; \
 	for p in ngerman:wngerman dutch:wdutch portuguese:wportuguese polish:wpolish \
 	         french:wfrench spanish:wspanish italian:witalian; do \
 	  test -f /usr/share/dict/$${p%%:*} || missing="$$missing $${p#*:}"; \
