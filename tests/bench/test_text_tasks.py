@@ -136,6 +136,11 @@ def test_a_missing_package_skips_its_tasks_in_one_line(monkeypatch, tmp_path):
     for name in ("gcide_field", "gcide_pos"):
         msg = suite.skipped[name]
         assert "\n" not in msg and "sudo apt-get install dict-gcide" in msg
+    # the runner says it once for both tasks
+    from brickwork.bench.runner import _group_skipped
+
+    (why, names), *rest = _group_skipped(suite.skipped).items()
+    assert names == ["gcide_field", "gcide_pos"] and not rest and "dict-gcide" in why
 
 
 def test_package_versions_come_from_dpkg():

@@ -331,8 +331,10 @@ def _run_bench(
     t_start = time.perf_counter()
     bar = _progress_factory(console, progress)
     s = make_suite(suite, quick=quick, seed=seed, tasks=tasks)
-    for name, why in s.skipped.items():
-        console.print(f"[yellow]skipping task {name}:[/] {why}")
+    for why, names in _group_skipped(s.skipped).items():  # one line per missing package
+        console.print(
+            f"[yellow]skipping task{'s' if len(names) > 1 else ''} {', '.join(names)}:[/] {why}"
+        )
     trainer = Trainer(s, progress=bar, seed=train_seed)
     task_list = s.tasks
     if jobs is None:
@@ -426,6 +428,14 @@ def _task_entry(t: Task) -> dict[str, Any]:
         "source": getattr(t, "source", None),
         "source_version": getattr(t, "source_version", None),
     }
+
+
+def _group_skipped(skipped: dict[str, str]) -> dict[str, list[str]]:
+    """Tasks skipped for the same reason (the same missing package), in task order."""
+    groups: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        groups.setdefault(why, []).append(name)
+    return groups
 
 
 def _adv(b: Any) -> None:
