@@ -39,12 +39,10 @@ terminal table that fits the console.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from .report import ResultsSchemaError
+from .report import ResultsSchemaError, write_json_and_markdown
 
 SCHEMA_VERSION = "brickwork-bench-lm/1"
 SCHEMA_DOC = __doc__
@@ -260,12 +258,7 @@ def params_chart(results: dict[str, Any], path: Path) -> None:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(markdown(results))
+    out = write_json_and_markdown(results, out, markdown(results))
     chart(results, out / "normalized.png")
     params_chart(results, out / "active_params.png")
 

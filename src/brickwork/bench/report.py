@@ -402,13 +402,19 @@ def _mean_std(e: dict[str, Any]) -> str:
     return f"{100 * e['mean']:.1f}" + ("" if e["std"] is None else f" ± {100 * e['std']:.1f}")
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+def write_json_and_markdown(results: dict[str, Any], out: Path, md: str) -> Path:
+    """``results.json`` (atomically) and ``results.md`` under ``out``; returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=str))
     os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(markdown(results))
+    (out / "results.md").write_text(md)
+    return out
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out = write_json_and_markdown(results, out, markdown(results))
     from .charts import normalized_chart, params_chart
 
     normalized_chart(results, out / "normalized.png")
