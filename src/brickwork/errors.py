@@ -59,6 +59,16 @@ class MergeComputationError(BrickworkError):
     """A merge method could not compute a tensor (e.g. degenerate input)."""
 
 
+class DataError(BrickworkError):
+    """Calibration data is missing, does not fit the model (tokenizer, vocabulary, input
+    names or shapes), or holds too few examples for the statistics a method needs."""
+
+
+class RegularizedWarning(UserWarning):
+    """A linear system of a data-aware merge was singular and was solved with a small ridge
+    added to its diagonal; the output's provenance records where and how much."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return `` Did you mean 'x'?`` for the closest choice, or ``""``."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
