@@ -104,7 +104,8 @@ def adamerging(
     n_tasks, n_layers = len(models), len(names)
     low, high = float(clamp[0]), float(clamp[1])
     shape = (n_tasks, n_layers) if mode == "layer" else (n_tasks,)
-    lam = torch.full(shape, float(init), dtype=torch.float32, device=device)
+    # float64: a handful of numbers, and the bounds hold exactly as the caller wrote them
+    lam = torch.full(shape, float(init), dtype=torch.float64, device=device)
     lam.requires_grad_(True)
     optimizer = torch.optim.Adam([lam], lr=lr, betas=(0.9, 0.999))
     # One copy of base: functional_call runs it with the merged tensors in eval mode, and it
