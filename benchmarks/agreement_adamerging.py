@@ -23,8 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import json
+import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -254,6 +257,7 @@ def compare(fb: dict, bw: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fusionbench-python", default="/work/venv-fusionbench/bin/python")
+    ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--side", choices=["fusionbench"], help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -287,11 +291,21 @@ def main() -> None:
         text=True,
         check=True,
     ).stdout.strip()
-    out = {"fusion_bench": fb_version, "torch": torch.__version__, "cases": {}}
+    out = {
+        "fusion_bench": fb_version,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cases": {},
+    }
     for name, case in CASES.items():
         bw = run_brickwork(setups[case.get("setup", "mlp")], case)
         out["cases"][name] = {**case, **compare(fb_all[name], bw)}
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
 
 
 if __name__ == "__main__":
