@@ -277,3 +277,43 @@ def test_errors(pool):
         adamerging(ints, [copy.deepcopy(ints)], data[:1])
     assert issubclass(IncompatibleModelsError, BrickworkError)
     assert issubclass(MergeComputationError, BrickworkError)
+
+
+def test_tiny_llama_tied_embeddings_and_padding():
+    """A causal LM: entropy per non-padding token; tied tensors get one λ and stay tied."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    models = [_perturbed(base, 1, 0.05), _perturbed(base, 2, 0.05)]
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    other = ids.clone()
+    other[1, 3:] = 33  # right padding: causal attention keeps it out of the real tokens too
+
+    def run(ids_):
+        batch = {"input_ids": ids_, "attention_mask": mask}
+        return adamerging(base, models, [[batch], [batch]], steps=3, lr=0.05)
+
+    merged, rep = run(ids)
+    _, rep_other = run(other)
+    assert rep["loss"] == pytest.approx(rep_other["loss"], abs=1e-5)
+    assert "lm_head.weight" not in rep["layers"]
+    assert len(rep["layers"]) == len(list(base.parameters()))
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    name = "model.embed_tokens.weight"
+    b = base.get_input_embeddings().weight
+    want = b + sum(
+        rep["lambdas"][i][name] * (m.get_input_embeddings().weight - b)
+        for i, m in enumerate(models)
+    )
+    torch.testing.assert_close(merged.lm_head.weight, want)
