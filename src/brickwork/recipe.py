@@ -118,9 +118,31 @@ ParamSetting = Annotated[
 Params = dict[str, ParamSetting]
 
 
+class DataSpec(_Strict):
+    """Calibration data of one model, for data-aware methods (``brickwork.stats.data``)::
+
+        data: {path: calib.txt, n_examples: 256, batch_size: 8, max_length: 128}
+
+    ``path``: a ``.txt`` file (one example per non-empty line) or a folder of them, or a
+    ``.jsonl`` (text under ``field``), tokenised with the model's own tokenizer; or a
+    ``.safetensors`` file of input tensors (``input_ids``, ...). ``fisher_estimate``: the
+    Fisher's labels, ``sampled`` from the model (the true Fisher), ``exact`` (classifiers)
+    or ``empirical`` (``labels`` of the data; ``label_field`` of a JSONL)."""
+
+    path: ModelPath
+    format: Literal["text", "jsonl", "safetensors"] | None = None
+    field: str = "text"
+    label_field: str | None = None
+    n_examples: Annotated[int, Field(gt=0)] = 256
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    max_length: Annotated[int, Field(gt=0)] = 128
+    fisher_estimate: Literal["sampled", "exact", "empirical"] = "sampled"
+
+
 class ModelEntry(_Strict):
     model: ModelPath
     parameters: Params = Field(default_factory=dict)
+    data: DataSpec | None = None  # calibration data, for data-aware methods
 
 
 class SliceSource(_Strict):
@@ -308,7 +330,15 @@ def _check_params(
 _KNOWN_KEYS = sorted(
     {
         k
-        for cls in (MergeRecipe, MergekitRecipe, ModelEntry, SliceSource, Slice, Condition)
+        for cls in (
+            MergeRecipe,
+            MergekitRecipe,
+            ModelEntry,
+            SliceSource,
+            Slice,
+            Condition,
+            DataSpec,
+        )
         for k in cls.model_fields
     }
 )

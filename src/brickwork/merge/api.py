@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from ..errors import CheckpointError, OutputExistsError
 from ..recipe import MergeRecipe, ModelEntry, load_recipe, parse_recipe
 from .executor import execute, resolve_device
 from .plan import _DTYPES, Plan, build_plan
+from .registry import MergeMethod, get_method
 
 
 def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Checkpoint]:
@@ -59,9 +60,8 @@ def check_output_is_not_input(out: Path, ckpts: Mapping[str, Checkpoint]) -> Non
 
 
 def _model_card(
-    recipe: MergeRecipe, plan: Plan, inputs: dict[str, str], env: dict[str, Any]
+    recipe: MergeRecipe, m: MergeMethod, inputs: dict[str, str], env: dict[str, Any]
 ) -> str:
-    m = plan.method
     lines = [
         "---",
         "library_name: transformers",
@@ -154,7 +154,20 @@ def merge(
     out = Path(out)
     ckpts = _open_models(recipe, recipe_dir)
     check_output_is_not_input(out, ckpts)
+    method = get_method(recipe.method)
+    if method.level == "module":
+        from .data_aware import merge_module_level
+
+        return merge_module_level(
+            recipe, ckpts, out, recipe_dir=recipe_dir, shard_size=shard_size, force=force,
+            progress=progress, write_provenance=_write_provenance,
+        )  # fmt: skip
     plan = build_plan(recipe, ckpts)
+    stats = None
+    if method.statistics:
+        from .data_aware import recipe_statistics
+
+        stats = recipe_statistics(recipe, ckpts, recipe_dir=recipe_dir)
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash inputs while merging
         digests = {k: pool.submit(ck.checksum) for k, ck in ckpts.items()}
@@ -173,32 +186,43 @@ def merge(
                 compute_dtype=_compute_dtype(recipe),
                 device=dev,
                 progress=progress,
+                statistics=stats,
             )
             ref = ckpts[plan.reference]
             _write_config(writer, ref, plan, out_dtype)
             inputs = {k: f.result() for k, f in digests.items()}
-            env = environment()
-            writer.add_text(
-                "brickwork_recipe.yaml",
-                yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
-            )
-            writer.add_text(
-                "brickwork.json",
-                json.dumps(
-                    {
-                        "kind": "merge",
-                        "method": recipe.method,
-                        "seed": recipe.seed,
-                        "inputs": inputs,
-                        "environment": env,
-                        "recipe": recipe.model_dump(mode="json", exclude_none=True),
-                    },
-                    indent=2,
-                )
-                + "\n",
-            )
-            writer.add_text("README.md", _model_card(recipe, plan, inputs, env))
+            extra = None
+            if stats is not None:
+                extra = {"statistics": stats.provenance(), "regularized": stats.ridges()}
+            _write_provenance(writer, recipe, method, inputs, extra)
     return out
+
+
+def _write_provenance(
+    writer: CheckpointWriter,
+    recipe: MergeRecipe,
+    method: MergeMethod,
+    inputs: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """brickwork_recipe.yaml, brickwork.json (recipe, inputs, environment and ``extra``, e.g.
+    the statistics a data-aware method used) and the model card."""
+    env = environment()
+    writer.add_text(
+        "brickwork_recipe.yaml",
+        yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
+    )
+    record = {
+        "kind": "merge",
+        "method": recipe.method,
+        "seed": recipe.seed,
+        "inputs": inputs,
+        "environment": env,
+        "recipe": recipe.model_dump(mode="json", exclude_none=True),
+        **(extra or {}),
+    }
+    writer.add_text("brickwork.json", json.dumps(record, indent=2, default=str) + "\n")
+    writer.add_text("README.md", _model_card(recipe, method, inputs, env))
 
 
 class _DictSink:
@@ -229,6 +253,7 @@ def merge_state_dicts(
     on_missing: str = "error",
     compute_dtype: str = "float32",
     device: str = "cpu",
+    statistics: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts (or modules' state dicts); returns a new state dict.
 
@@ -236,6 +261,8 @@ def merge_state_dicts(
     ``model_parameters[i]`` are model ``i``'s own. Inputs are never modified.
     ``compute_dtype``: float32 (default), float64, bfloat16, float16 or input (each tensor's
     own dtype). ``device``: cpu (default), cuda, cuda:N or auto; results are on the CPU.
+    ``statistics``: for data-aware methods, a :class:`brickwork.stats.StatisticsSource`
+    whose model keys are ``model0``, ``model1``, ... (:func:`merge_modules` builds it).
     """
     dev = resolve_device(device)
     model_parameters = list(model_parameters or [{}] * len(models))
@@ -281,6 +308,7 @@ def merge_state_dicts(
         compute_dtype=_compute_dtype(recipe),
         device=dev,
         progress=False,
+        statistics=statistics,
     )
     return sink.tensors
 
@@ -290,9 +318,36 @@ def merge_modules(
     modules: Sequence[torch.nn.Module],
     *,
     base: torch.nn.Module | None = None,
+    data: Sequence[Iterable[Any]] | None = None,
+    fisher_estimate: str = "sampled",
+    logits_fn: Any = None,
+    progress: bool = False,
     **kwargs: Any,
 ) -> torch.nn.Module:
-    """Merge modules of one architecture; returns a new module (a copy of ``base`` or the first)."""
+    """Merge modules of one architecture; returns a new module (a copy of ``base`` or the first).
+
+    Data-aware methods (``brickwork methods``: regmean, fisher, regmean_plusplus,
+    adamerging) need ``data``: one iterable of calibration batches per module, each batch
+    fed as ``module(**batch)`` (a dict, with ``attention_mask`` marking padding),
+    ``module(*batch)`` (a tuple) or ``module(batch)``. Statistics are cached under
+    ``$BRICKWORK_CACHE/statistics``. ``fisher_estimate``: sampled (the true Fisher, default),
+    exact (classifiers) or empirical (the batches' ``labels``); ``logits_fn`` turns a
+    module's output into logits when it has no ``.logits``. Other keywords as
+    :func:`merge_state_dicts` (``parameters``, ``model_parameters``, ``seed``, ...).
+    """
+    m = get_method(method)
+    if m.needs_data or data is not None:
+        from .data_aware import module_statistics, run_module_level
+
+        if m.level == "module":
+            return run_module_level(
+                m, modules, base=base, data=data, logits_fn=logits_fn, progress=progress, **kwargs
+            )[0]
+        if m.statistics:
+            kwargs["statistics"] = module_statistics(
+                m, modules, data, fisher_estimate=fisher_estimate, logits_fn=logits_fn,
+                seed=kwargs.get("seed", 0),
+            )  # fmt: skip
     merged = merge_state_dicts(method, modules, base=base, **kwargs)
     out = copy.deepcopy(base if base is not None else modules[0])
     out.load_state_dict(merged)

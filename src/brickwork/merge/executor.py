@@ -6,20 +6,27 @@ accumulated. The next job's inputs are read (and moved to the compute device and
 a second thread while the current one computes; file reads and torch ops release the GIL.
 With ``device="cuda"`` inputs are read on the CPU, moved to the GPU, computed there, and
 the output comes back to the CPU (in its output dtype) for the sink.
+
+A data-aware method (``statistics=`` in the registry) also receives, per input model, that
+model's statistics of the tensor being merged, read from the statistics cache one tensor at
+a time (``statistics=`` of :func:`execute`): memory holds one tensor's statistics, never all
+of them. What the method warns about (a ridge added to a singular system) is recorded in
+``statistics.notes`` for the output's provenance and shown once as a one-line warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..checkpoint.reader import Checkpoint
-from ..errors import BrickworkError, MergeComputationError
+from ..errors import BrickworkError, DataError, MergeComputationError, RegularizedWarning
 from .plan import Job, Plan, Source, resolve_parameters
 
 
@@ -177,6 +184,7 @@ def run_job(
     compute_dtype: torch.dtype | None,
     device: torch.device | None = None,
     loaded: Loaded | None = None,
+    statistics: Any = None,
 ) -> torch.Tensor:
     tensors, base = loaded or load_inputs(job, ckpts, compute_dtype=compute_dtype, device=device)
     if job.copy is not None:
@@ -187,8 +195,17 @@ def run_job(
         kwargs["base"] = base
     if method.seeded:  # a CPU generator on every device: the same random draws everywhere
         kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(seed, job.info.name))
+    if method.statistics:
+        kwargs["statistics"] = _tensor_statistics(method, job, statistics, tensors[0].device)
     try:
-        out = method.func(tensors, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RegularizedWarning)
+            out = method.func(tensors, **kwargs)
+        for w in caught:
+            if issubclass(w.category, RegularizedWarning) and statistics is not None:
+                statistics.notes.append({"tensor": job.info.name, "note": str(w.message)})
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except BrickworkError as e:
         raise type(e)(f"tensor '{job.info.name}': {e}") from None
     except (RuntimeError, ValueError) as e:
@@ -202,6 +219,30 @@ def run_job(
     return out
 
 
+def _tensor_statistics(method: Any, job: Job, statistics: Any, device: torch.device) -> list[Any]:
+    """Per input model, its statistics of this job's tensor (``None`` where it has none),
+    on the compute device."""
+    if statistics is None:
+        raise DataError(
+            f"method '{method.name}' needs statistics ({', '.join(method.statistics)}) of "
+            "every model, computed on calibration data, and none were given: add a 'data:' "
+            "block to every model of the recipe, or call merge_modules(..., data=[...])."
+        )
+    out = []
+    for s in job.inputs:
+        st = statistics.for_tensor(s.model, s.name)
+        if st is not None and device.type != "cpu":
+            from dataclasses import replace
+
+            st = replace(
+                st,
+                gram=None if st.gram is None else st.gram.to(device),
+                fisher=None if st.fisher is None else st.fisher.to(device),
+            )
+        out.append(st)
+    return out
+
+
 def execute(
     plan: Plan,
     ckpts: dict[str, Checkpoint],
@@ -212,11 +253,13 @@ def execute(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_tensor: Callable[[Job], None] | None = None,
+    statistics: Any = None,
 ) -> None:
     """Run every job of ``plan``, handing each output (on the CPU) to ``sink``.
 
     ``compute_dtype``: the dtype the methods receive (``None``: each tensor's own, promoted);
-    ``device``: cpu (default), cuda, cuda:N or auto (see :func:`resolve_device`).
+    ``device``: cpu (default), cuda, cuda:N or auto (see :func:`resolve_device`);
+    ``statistics``: a :class:`brickwork.stats.store.StatisticsSource` for data-aware methods.
     """
     from tqdm.auto import tqdm
 
@@ -263,6 +306,7 @@ def execute(
                 compute_dtype=compute_dtype,
                 device=to_dev,
                 loaded=loaded,
+                statistics=statistics,
             )
             del loaded
             written = out.to(job.info.dtype).cpu()
@@ -276,3 +320,12 @@ def execute(
             if on_tensor is not None:
                 on_tensor(job)
             bar.update(job.info.nbytes)
+    if statistics is not None and statistics.notes:
+        n = len(statistics.notes)
+        warnings.warn(
+            f"{plan.method.name}: {n} singular system(s) solved with a small ridge added "
+            f"(first: tensor '{statistics.notes[0]['tensor']}': {statistics.notes[0]['note']}); "
+            "recorded in the output's provenance.",
+            RegularizedWarning,
+            stacklevel=2,
+        )

@@ -14,6 +14,16 @@ The decorator reads the signature (STYLE.md §1):
   global. Constraints are pydantic ``Field``\\ s in ``Annotated`` and are checked when the
   recipe is read. A trailing underscore is dropped from the public name (``lambda_`` is
   ``lambda``).
+
+``statistics=("gram",)`` (or ``"fisher"``) marks a data-aware method: its function takes a
+keyword-only ``statistics: list[TensorStatistics | None]``, one entry per input model (that
+model's statistics of the tensor being merged, ``None`` where it has none), which the
+executor reads tensor by tensor from the statistics cache (``brickwork.stats``).
+
+:func:`module_merge_method` registers a **module-level** method instead: a function
+``(base, models, data, *, ...) -> (nn.Module, info)`` that needs the models as
+``nn.Module``\\ s and calibration data (``data[i]``: batches of model ``i``'s task), and
+:func:`register_lazy_method` one whose module is imported only when it is used.
 """
 
 from __future__ import annotations
@@ -103,6 +113,14 @@ class MergeMethod:
     description: str
     reference: str
     search_space: dict[str, list[Any]]
+    statistics: tuple[str, ...] = ()  # kinds of statistics the function receives
+    level: str = "tensor"  # "tensor": streamed per tensor; "module": nn.Modules and data
+    target: str | None = None  # "package.module:function" of a lazily imported method
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method needs calibration data (statistics, or module level)."""
+        return bool(self.statistics) or self.level == "module"
 
     @property
     def needs_base(self) -> bool:
@@ -140,8 +158,13 @@ def merge_method(
     description: str = "",
     reference: str = "",
     search_space: dict[str, Iterable[Any]] | None = None,
+    statistics: Iterable[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``func`` as merge method ``name`` (see the module docstring)."""
+    statistics = tuple(statistics)
+    for kind in statistics:
+        if kind not in STATISTICS:
+            raise ValueError(f"statistics kind {kind!r}; known: {', '.join(STATISTICS)}")
 
     def register(func: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
@@ -158,6 +181,8 @@ def merge_method(
                 continue
             if pname == "generator":
                 seeded = True
+                continue
+            if pname == "statistics" and statistics:
                 continue
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
                 raise TypeError(f"{func.__name__}: parameter '{pname}' must be keyword-only")
@@ -176,6 +201,7 @@ def merge_method(
             description=description or doc.split("\n\n")[0].replace("\n", " "),
             reference=reference,
             search_space={k: list(v) for k, v in (search_space or {}).items()},
+            statistics=statistics,
         )
         for k in method.search_space:
             method.param(k)  # unknown names in the search space are a bug
@@ -185,6 +211,116 @@ def merge_method(
     return register
 
 
+#: Kinds of statistics the collector (``brickwork.stats``) measures.
+STATISTICS = ("gram", "fisher")
+#: Arguments of a module-level method that callers pass at run time, not recipe parameters.
+_RUNTIME = ("logits_fn", "heads", "seed", "progress")
+
+
+def _module_params(func: Callable[..., Any]) -> tuple[ParamSpec, ...]:
+    hints = typing.get_type_hints(func, include_extras=True)
+    params = []
+    for pname, p in inspect.signature(func).parameters.items():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or pname in _RUNTIME:
+            continue
+        ann = hints[pname]
+        public = pname[:-1] if pname.endswith("_") else pname
+        params.append(ParamSpec(public, pname, False, ann, p.default, TypeAdapter(ann)))
+    return tuple(params)
+
+
+def _module_method(
+    name: str,
+    func: Callable[..., Any] | None,
+    *,
+    base: str,
+    description: str,
+    reference: str,
+    statistics: tuple[str, ...],
+    target: str | None,
+) -> MergeMethod:
+    doc = (inspect.getdoc(func) or "") if func is not None else ""
+    return MergeMethod(
+        name=name,
+        func=func,  # type: ignore[arg-type]
+        base=base,
+        seeded=False,
+        params=_module_params(func) if func is not None else (),
+        description=description or doc.split("\n\n")[0].replace("\n", " "),
+        reference=reference,
+        search_space={},
+        statistics=statistics,
+        level="module",
+        target=target,
+    )
+
+
+def module_merge_method(
+    name: str,
+    *,
+    base: str = "optional",
+    description: str = "",
+    reference: str = "",
+    statistics: Iterable[str] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a module-level method ``func(base, models, data, *, params..., seed,
+    progress) -> (nn.Module, info dict)``; ``base``: "required", "optional" or "none"."""
+
+    def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method '{name}' is already registered")
+        _REGISTRY[name] = _module_method(
+            name,
+            func,
+            base=base,
+            description=description,
+            reference=reference,
+            statistics=tuple(statistics),
+            target=None,
+        )
+        return func
+
+    return register
+
+
+def register_lazy_method(
+    name: str, target: str, *, base: str = "required", description: str, reference: str
+) -> None:
+    """Register module-level method ``name`` whose function ``target``
+    ("package.module:function") is imported the first time the method is looked up."""
+    if name in _REGISTRY:
+        raise ValueError(f"merge method '{name}' is already registered")
+    _REGISTRY[name] = _module_method(
+        name, None, base=base, description=description, reference=reference,
+        statistics=(), target=target,
+    )  # fmt: skip
+
+
+def _resolve(method: MergeMethod) -> MergeMethod:
+    """A lazily registered method with its function imported and its signature read; if the
+    import fails the method stays listed, and using it is an error that says why."""
+    if method.target is None or method.func is not None:
+        return method
+    import importlib
+
+    mod, _, attr = method.target.partition(":")
+    try:
+        func = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        from ..errors import BrickworkError
+
+        raise BrickworkError(
+            f"merge method '{method.name}' is registered but its implementation "
+            f"{method.target} cannot be imported ({e}); this install of brickwork lacks it."
+        ) from None
+    resolved = _module_method(
+        method.name, func, base=method.base, description=method.description,
+        reference=method.reference, statistics=method.statistics, target=method.target,
+    )  # fmt: skip
+    _REGISTRY[method.name] = resolved
+    return resolved
+
+
 def _ensure_loaded() -> None:
     from . import methods  # noqa: F401  (registers the built-in methods)
 
@@ -192,12 +328,15 @@ def _ensure_loaded() -> None:
 def get_method(name: str) -> MergeMethod:
     _ensure_loaded()
     try:
-        return _REGISTRY[name]
+        return _resolve(_REGISTRY[name])
     except KeyError:
         shown = name if isinstance(name, str) and name.isprintable() else repr(name)[1:-1]
         raise unknown_name("merge method", shown, _REGISTRY) from None
 
 
-def list_methods() -> list[str]:
+def list_methods(*, data_aware: bool = False) -> list[str]:
+    """Names of the registered methods: the data-free tensor-level ones, which merge any
+    checkpoints without data; ``data_aware=True`` adds those that need calibration data
+    (statistics such as RegMean's Gram matrices, or module-level methods)."""
     _ensure_loaded()
-    return sorted(_REGISTRY)
+    return sorted(n for n, m in _REGISTRY.items() if data_aware or not m.needs_data)
