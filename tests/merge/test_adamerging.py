@@ -275,6 +275,10 @@ def test_errors(pool):
     )
     with pytest.raises(IncompatibleModelsError, match="'count' has dtype torch.int64"):
         adamerging(ints, [copy.deepcopy(ints)], data[:1])
+    with pytest.raises(MergeComputationError, match="does not depend on the merged weights"):
+        adamerging(base, models, data, steps=1, logits_fn=lambda out: out.detach())
+    with pytest.raises(IncompatibleModelsError, match="no parameters"):
+        adamerging(nn.ReLU(), [nn.ReLU()], data[:1])
     assert issubclass(IncompatibleModelsError, BrickworkError)
     assert issubclass(MergeComputationError, BrickworkError)
 

@@ -140,7 +140,17 @@ def adamerging(
                     f"adamerging: the entropy became {loss.item()} at step {len(losses)}; "
                     "lower lr or check the model's outputs for inf/nan."
                 )
-            (grad,) = torch.autograd.grad(loss, [lam])  # touches no module's .grad
+            (grad,) = (
+                torch.autograd.grad(loss, [lam], allow_unused=True)  # touches no .grad
+                if loss.requires_grad
+                else (None,)
+            )
+            if grad is None:
+                raise MergeComputationError(
+                    "adamerging: the entropy does not depend on the merged weights (no gradient "
+                    "reaches λ); logits_fn and heads must compute the logits from the model's "
+                    "output, with gradients enabled (not under torch.no_grad or .detach())."
+                )
             lam.grad = grad
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -212,6 +222,10 @@ def _task_vectors(
                 "coefficients by gradient and needs floating-point parameters."
             )
     names = [n for n, _ in base_named]
+    if not names:
+        raise IncompatibleModelsError(
+            "adamerging: base has no parameters; there is nothing to merge."
+        )
     base_params = [p.detach() for _, p in base_named]
     task_vectors: list[list[torch.Tensor]] = []
     for i, m in enumerate(models):
