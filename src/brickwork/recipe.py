@@ -214,7 +214,33 @@ class MergeRecipe(_Strict):
                     "'base: PATH' ('base_model:' in a mergekit recipe) and list the base "
                     "among the slice's sources"
                 )
+        self._check_model_count(m)
         return self
+
+    def _check_model_count(self, m: MergeMethod) -> None:
+        """Non-base models per merge (per slice) within the method's ``n_models``."""
+        lo, hi = m.n_models
+        if (lo, hi) == (1, None):
+            return
+        groups = [("models", [e.model for e in self.models or []], self.base)]
+        for i, s in enumerate(self.slices or []):
+            groups.append(
+                (f"slices[{i}].sources", [x.model for x in s.sources], s.base_model or self.base)
+            )
+        for where, paths, base in groups:
+            others = [p for p in paths if m.base == "none" or p != base]
+            if lo <= len(others) and (hi is None or len(others) <= hi):
+                continue
+            want = (
+                f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            )
+            role = "" if m.base == "none" else " besides the base"
+            raise RecipeError(
+                f"{where}: method '{m.name}' merges {want} model(s){role}; got {len(others)}"
+                f" ({', '.join(others) or 'none'}). List {want}"
+                + ("" if m.base == "none" else ", and the base as 'base:' ('base_model:')")
+                + "."
+            )
 
     def model_paths(self) -> list[str]:
         """Every referenced model, base first, without repeats."""

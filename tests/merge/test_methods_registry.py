@@ -17,13 +17,17 @@ from brickwork.merge.registry import get_method, list_methods
 METHODS = list_methods()
 
 # Methods that combine exactly one non-base model with the base (or copy one model).
-ONE_MODEL = {"slerp", "passthrough"}
+ONE_MODEL = {"slerp", "passthrough", "nearswap", "arcee_fusion"}
+# Methods that take exactly two non-base models.
+TWO_MODELS = {"nuslerp"}
 # Parameters that make a seeded method actually draw random numbers (defaults may not).
 RANDOMISING = {"density": 0.5}
+# Values of parameters that have no default (as in mergekit).
+REQUIRED = {"nearswap": {"t": 0.5}}
 
 
 def _n_models(name: str) -> int:
-    return 1 if name in ONE_MODEL else 3
+    return 1 if name in ONE_MODEL else 2 if name in TWO_MODELS else 3
 
 
 def _state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -41,6 +45,7 @@ def _state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Ten
 
 def _merge(name: str, models, base, **kw):
     m = get_method(name)
+    kw["parameters"] = {**REQUIRED.get(name, {}), **kw.get("parameters", {})}
     return merge_state_dicts(name, models, base=base if m.base != "none" else None, **kw)
 
 

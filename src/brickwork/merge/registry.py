@@ -24,6 +24,9 @@ executor reads tensor by tensor from the statistics cache (``brickwork.stats``).
 ``(base, models, data, *, ...) -> (nn.Module, info)`` that needs the models as
 ``nn.Module``\\ s and calibration data (``data[i]``: batches of model ``i``'s task), and
 :func:`register_lazy_method` one whose module is imported only when it is used.
+
+``n_models=(lo, hi)`` bounds the number of non-base models (``hi=None``: no upper bound); a
+recipe outside it is a :class:`RecipeError` when it is read.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class MergeMethod:
     description: str
     reference: str
     search_space: dict[str, list[Any]]
+    n_models: tuple[int, int | None] = (1, None)  # non-base models: (at least, at most)
     statistics: tuple[str, ...] = ()  # kinds of statistics the function receives
     level: str = "tensor"  # "tensor": streamed per tensor; "module": nn.Modules and data
     target: str | None = None  # "package.module:function" of a lazily imported method
@@ -158,6 +162,7 @@ def merge_method(
     description: str = "",
     reference: str = "",
     search_space: dict[str, Iterable[Any]] | None = None,
+    n_models: tuple[int, int | None] = (1, None),
     statistics: Iterable[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``func`` as merge method ``name`` (see the module docstring)."""
@@ -201,6 +206,7 @@ def merge_method(
             description=description or doc.split("\n\n")[0].replace("\n", " "),
             reference=reference,
             search_space={k: list(v) for k, v in (search_space or {}).items()},
+            n_models=n_models,
             statistics=statistics,
         )
         for k in method.search_space:

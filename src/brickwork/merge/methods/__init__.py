@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     adamerging,
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
@@ -10,10 +11,15 @@ from . import (  # noqa: F401
     karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     passthrough,
     pcb,
+    ram,
     regmean,
     regmean_plusplus,
+    sce,
     slerp,
     task_arithmetic,
     ties,
