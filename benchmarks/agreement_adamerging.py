@@ -1,10 +1,11 @@
-"""Agreement of brickwork's layer-wise AdaMerging with FusionBench's, on one tiny model (CPU).
+"""Agreement of brickwork's layer- and task-wise AdaMerging with FusionBench's, on one tiny model.
 
 Both run on the same tiny encoder (an MLP), the same fine-tunes (the base plus seeded noise),
 the same fixed per-task classification heads (FusionBench's CLIP setting) and the same
 unlabelled batches, with the same init, Adam lr and number of steps. FusionBench's side is its
-own ``LayerWiseAdaMergingAlgorithm.run`` (``fusion_bench.method.adamerging``, which builds its
-``LayerWiseMergedModel`` and runs ``test_time_adaptation``), with the two abstract hooks a
+own ``LayerWiseAdaMergingAlgorithm.run`` / ``TaskWiseAdaMergingAlgorithm.run``
+(``fusion_bench.method.adamerging``: they build its ``LayerWiseMergedModel`` /
+``TaskWiseMergedModel`` and run ``test_time_adaptation``), on the CPU, with the two abstract hooks a
 program supplies (the loader of each task's unlabelled batches and the logits: encoder, then
 head) filled in by a subclass here; the CLIP subclass itself needs CLIP models, processors and
 datasets. FusionBench runs in its own virtual environment (never a brickwork dependency), in a
@@ -13,9 +14,11 @@ subprocess; the setup goes to it as a ``torch.save`` file read with ``weights_on
     .venv/bin/python benchmarks/agreement_adamerging.py \
         --fusionbench-python /work/venv-fusionbench/bin/python
 
-Two cases: ``interior`` (the paper's lr 1e-3: no λ reaches a bound, so the two must agree
-to rounding) and ``bounded`` (lr 2e-2: λ reach 0 and 1, where brickwork projects λ onto the
-bounds and FusionBench clamps it in the forward pass only: an intended difference).
+Cases: ``interior`` (the paper's lr 1e-3: no λ reaches a bound, so the two must agree to
+rounding; ``_eps0``: with Adam's ε = 0 on both sides), ``bounded`` (larger lr: λ run into 0
+and 1), ``task_*`` (task-wise) and ``reversal`` (λ reaches a bound and must come back:
+brickwork projects λ onto the bounds, FusionBench clamps it in the forward pass only, an
+intended difference).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ CASES = {
     "interior_eps0": {"init": 0.3, "lr": 1e-3, "steps": 100, "adam_eps": 0.0},
     "bounded": {"init": 0.3, "lr": 2e-2, "steps": 100, "adam_eps": 1e-8},
     "bounded_fast": {"init": 0.3, "lr": 1e-1, "steps": 100, "adam_eps": 1e-8},
+    "task_interior": {"init": 0.3, "lr": 1e-3, "steps": 100, "adam_eps": 1e-8, "mode": "task"},
+    "task_interior_eps0": {"init": 0.3, "lr": 1e-3, "steps": 100, "adam_eps": 0.0, "mode": "task"},
     # one linear layer whose mean entropy has its minimum inside (0, 1), at λ = 0.8
     "reversal": {"init": 0.3, "lr": 2e-1, "steps": 80, "adam_eps": 1e-8, "setup": "reversal"},
 }
@@ -134,6 +139,7 @@ def run_fusionbench(setup: dict, case: dict, log_dir: str) -> dict:
     from fusion_bench.method.adamerging.layer_wise_adamerging import (
         LayerWiseAdaMergingAlgorithm,
     )
+    from fusion_bench.method.adamerging.task_wise_adamerging import TaskWiseAdaMergingAlgorithm
     from lightning.fabric.loggers import TensorBoardLogger
     from omegaconf import DictConfig
 
@@ -146,7 +152,9 @@ def run_fusionbench(setup: dict, case: dict, log_dir: str) -> dict:
         def load_model(self, name):
             return base if name == "_pretrained_" else fine[names.index(name)]
 
-    class Algo(LayerWiseAdaMergingAlgorithm):
+    task_wise = case.get("mode", "layer") == "task"
+
+    class Algo(TaskWiseAdaMergingAlgorithm if task_wise else LayerWiseAdaMergingAlgorithm):
         """The two hooks a program supplies; everything else is FusionBench's."""
 
         def __init__(self, config):
@@ -159,6 +167,8 @@ def run_fusionbench(setup: dict, case: dict, log_dir: str) -> dict:
             return map(lambda x: (x,), self.loaders[task])  # next() gives a 1-tuple batch
 
         def compute_logits(self, module, images, task):
+            if isinstance(images, tuple):  # the task-wise loop passes the whole batch
+                images = images[0]
             logits = module(images)
             if heads:
                 logits = heads[names.index(task)](logits)
@@ -184,7 +194,11 @@ def run_fusionbench(setup: dict, case: dict, log_dir: str) -> dict:
     )
     algo = Algo(config)
     # run() logs its hyperparameters and each step's metrics: a TensorBoard logger in a temp dir
-    algo.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(log_dir))
+    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(log_dir))
+    if task_wise:
+        algo._fabric = fabric  # its __init__ makes a Fabric only when CUDA is available
+    else:
+        algo.fabric = fabric
     captured = {}
     orig = algo.test_time_adaptation
 
@@ -197,7 +211,7 @@ def run_fusionbench(setup: dict, case: dict, log_dir: str) -> dict:
     with adam_eps(case["adam_eps"]):
         merged = algo.run(Pool())
     return {
-        "lambda_raw": captured["raw"],  # (tasks, layers), as optimised
+        "lambda_raw": captured["raw"],  # (tasks, layers) or (tasks,), as optimised
         "lambda": captured["raw"].clamp(0, 1),  # what the forward pass uses
         "merged": {k: v.detach().clone() for k, v in merged.state_dict().items()},
         "loss": algo.losses,
@@ -215,13 +229,15 @@ def run_brickwork(setup: dict, case: dict) -> dict:
             base,
             fine,
             setup["data"],
-            mode="layer",
+            mode=case.get("mode", "layer"),
             init=case["init"],
             lr=case["lr"],
             steps=case["steps"],
             heads=heads or None,
         )
-    lam = torch.tensor([list(d.values()) for d in rep["lambdas"]])
+    lam = torch.tensor(
+        [list(d.values()) for d in rep["lambdas"]] if rep["mode"] == "layer" else rep["lambdas"]
+    )
     return {
         "lambda": lam,
         "merged": {k: v.detach().clone() for k, v in merged.state_dict().items()},
