@@ -345,3 +345,16 @@ def test_tiny_matrices_and_more_tasks_than_rank(method, shape):
     out = _merge(method, base, thetas, compute_dtype="float32")
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert not torch.equal(out, base)  # every method moves a non-zero task vector somewhere
+
+
+@pytest.mark.parametrize("method", SOTA)
+def test_registered_with_paper_base_and_a_small_search_space(method):
+    from brickwork.merge.registry import get_method
+
+    m = get_method(method)
+    assert m.needs_base and "arXiv:" in m.reference
+    combos = math.prod(len(v) for v in m.search_space.values())
+    assert 1 < combos <= 4, m.search_space
+    for name, values in m.search_space.items():  # every value passes the parameter's checks
+        for v in values:
+            m.param(name).validate(v, where=method)
