@@ -118,13 +118,14 @@ def adamerging(
     losses: list[float] = []
     start = time.perf_counter()
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    # enable_grad: a caller's torch.no_grad() must not silently stop the adaptation
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
         torch.manual_seed(seed)
         batches = [_cycle(d, i) for i, d in enumerate(data)]
         for it in batches:  # an empty iterable fails before any step
             it.peek()
         bar = _bar(steps, progress)
-        for _ in range(steps):
+        for step in range(steps):
             params = _merged(lam, mode, names, base_params, task_vectors)
             loss = torch.zeros((), device=device)
             for i in range(n_tasks):
@@ -132,30 +133,13 @@ def adamerging(
                 out = _call(module, params, batch)
                 if head_fns is not None:
                     out = head_fns[i](out)
-                logits = _logits(get_logits, out, i)
-                loss = loss + _entropy(logits, batch, i)
-            loss = loss / n_tasks
-            if not torch.isfinite(loss):
-                raise MergeComputationError(
-                    f"adamerging: the entropy became {loss.item()} at step {len(losses)}; "
-                    "lower lr or check the model's outputs for inf/nan."
-                )
-            (grad,) = (
-                torch.autograd.grad(loss, [lam], allow_unused=True)  # touches no .grad
-                if loss.requires_grad
-                else (None,)
-            )
-            if grad is None:
-                raise MergeComputationError(
-                    "adamerging: the entropy does not depend on the merged weights (no gradient "
-                    "reaches λ); logits_fn and heads must compute the logits from the model's "
-                    "output, with gradients enabled (not under torch.no_grad or .detach())."
-                )
-            lam.grad = grad
+                loss = loss + _entropy(_logits(get_logits, out, i), batch, i)
+            loss = loss / n_tasks  # mean entropy over tasks
+            lam.grad = _gradient(loss, lam, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                lam.clamp_(low, high)
+                lam.clamp_(low, high)  # projected onto the bounds
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -170,6 +154,23 @@ def adamerging(
     for n, m in module.named_modules():
         m.training = modes[n]
     return module, _report(lam, mode, names, losses, seconds, steps, init, lr, clamp, seed)
+
+
+def _gradient(loss: torch.Tensor, lam: torch.Tensor, step: int) -> torch.Tensor:
+    """∂loss/∂λ by ``autograd.grad``, which touches no module's ``.grad``."""
+    if not torch.isfinite(loss):
+        raise MergeComputationError(
+            f"adamerging: the entropy became {loss.item()} at step {step}; lower lr or check the "
+            "model's outputs for inf/nan."
+        )
+    grad = torch.autograd.grad(loss, [lam], allow_unused=True)[0] if loss.requires_grad else None
+    if grad is None:
+        raise MergeComputationError(
+            "adamerging: the entropy does not depend on the merged weights (no gradient reaches "
+            "λ); logits_fn and heads must compute the logits from the model's output, with "
+            "gradients enabled (not under torch.no_grad or .detach())."
+        )
+    return grad
 
 
 def _check_options(
