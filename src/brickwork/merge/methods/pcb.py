@@ -73,20 +73,19 @@ def pcb(
     d = flat.shape[1]
     if d == 0:
         return finish(taus.sum(dim=0), base)
+    # In place where possible: besides the task vectors, about three (N, d) buffers live.
     mag = flat.abs()
     cut = math.floor(d * clip_ratio + 1e-9)  # entries clipped at each end
-    lo = kth_smallest(mag, cut)
-    hi = kth_smallest(mag, d - cut - 1)
-    mag = torch.minimum(torch.maximum(mag, lo), hi)
-    clipped = torch.sign(flat) * mag  # (N, d)
-    intra = torch.exp(n * min_max(mag).square())  # (N, d)
-    inter = torch.tanh(flat * flat.sum(dim=0))  # (N, d)
-    score = intra * inter
+    mag.clamp_(min=kth_smallest(mag, cut), max=kth_smallest(mag, d - cut - 1))  # |τ̃|
+    score = torch.tanh(flat * flat.sum(dim=0))  # β_inter: (N, d)
+    score.mul_(min_max(mag).square_().mul_(n).exp_())  # ⊙ β_intra
+    clipped = flat.sign_().mul_(mag)  # τ̃ (in the task vectors' buffer)
+    del mag
     keep = math.ceil(d * pcb_ratio - 1e-9)  # entries kept per task
     if keep >= d:  # nothing to drop
-        weight = torch.ones_like(score)
+        weight = score.fill_(1)
     else:
         floor = kth_smallest(score, d - keep - 1)  # the largest dropped score
-        weight = min_max(torch.maximum(score, floor))  # (N, d): 0 for dropped entries
-    merged = (clipped * weight).sum(dim=0) / weight.sum(dim=0).clamp(min=1e-12)  # (d,)
+        weight = min_max(score.clamp_(min=floor))  # (N, d): 0 for dropped entries
+    merged = clipped.mul_(weight).sum(dim=0).div_(weight.sum(dim=0).clamp_(min=1e-12))  # (d,)
     return finish(lambda_ * merged.reshape(base.shape), base)

@@ -20,7 +20,10 @@ def interference_gradient_terms(taus: torch.Tensor) -> tuple[torch.Tensor, torch
     keep = norms > 0
     taus, norms = taus[keep], norms[keep]
     s = (taus / norms.sqrt()[:, None, None]).reshape(-1, taus.shape[-1])  # (T·rows, cols)
-    b = (taus @ taus.mT @ taus / norms[:, None, None]).sum(dim=0)  # (rows, cols)
+    rows, cols = taus.shape[-2:]
+    # τ τᵀ τ through the smaller Gram matrix: (T, cols, cols) or (T, rows, rows)
+    ttt = taus @ (taus.mT @ taus) if rows >= cols else (taus @ taus.mT) @ taus
+    b = (ttt / norms[:, None, None]).sum(dim=0)  # (rows, cols)
     return s, b
 
 
