@@ -178,7 +178,8 @@ def collect_gram(
 
         return run
 
-    handles = [m.register_forward_hook(hook(name)) for name, (m, _) in layers.items()]
+    # prepended: a hook that ends the pass after a layer (StopForward) runs after these
+    handles = [m.register_forward_hook(hook(name), prepend=True) for name, (m, _) in layers.items()]
     try:
         with _eval(model), torch.no_grad():
             for i, batch in enumerate(batches):
