@@ -86,6 +86,17 @@ def adamerging(
         layer mode), ``layers`` (the tensor names, in order), ``loss`` (mean entropy over tasks
         at each step, before its update), ``seconds``, ``steps`` and the settings.
 
+    Raises:
+        RecipeError: ``len(data) != len(models)`` (or heads), an iterable with no batches, a bad
+            ``mode`` / ``steps`` / ``lr`` / ``clamp``, ``init`` outside ``clamp``.
+        IncompatibleModelsError: a parameter missing, extra or of another shape in a model
+            (named, with both shapes), a non-floating-point parameter.
+        MergeComputationError: an output with no logits, a loss that is not finite or does
+            not depend on λ.
+
+    Memory: the task vectors once (one copy of the weights per model, in the base's dtype and
+    device), plus one copy of ``base`` that becomes the result; the models are not copied.
+
     Differences from the paper and its code (and FusionBench): λ is *projected* onto ``clamp``
     after each step, where they keep an unbounded λ and clamp it in the forward pass (a λ that
     crosses a bound there gets no more gradient and stays out); the loss is the *mean* over tasks
