@@ -72,7 +72,8 @@ def test_second_run_reuses_cached_fine_tunes(quick_results, tmp_path):
         # the cached linear row kept its per-example results: the same intervals
         assert r["correct"] == first[r["method"]]["correct"]
         assert r["normalized_ci"] == first[r["method"]]["normalized_ci"]
-    assert again["cache"]["reused_rows"] == ["linear"]
+    # references and the linear row come from the row cache
+    assert again["cache"]["reused_rows"] == ["base", "individual", "multitask", "ensemble", "linear"]
 
 
 def test_seeds_repeat_the_bench_and_report_mean_and_std(bench_cache, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -352,38 +352,52 @@ def _run_bench(
     ft_heads = {t.name: finetunes[t.name][1] for t in task_list}
     costs = Costs(s, trainer, task_list, quick=quick)
 
-    rows: list[dict[str, Any]] = []
-    with bar("evaluate references", 4) as b:
-        t0 = time.perf_counter()
-        rows.append(_row("base", "reference", correct=ev.correct(base, probes, task_list, "test"),
-                         params=enc_params + _n_params([], list(probes.values())),
-                         seconds=round(time.perf_counter() - t0, 2), **costs.same(base, probes)))  # fmt: skip
+    reused: list[str] = []
+
+    def reference(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A reference row, read from the row cache when the same fine-tunes, data and
+        code computed it before (its name then goes to ``reused``)."""
+        key = _row_key(s, task_list, trainer, f"reference:{name}", seed=train_seed)
+        row = load_cached_row(key)
+        if row is None:
+            t0 = time.perf_counter()
+            row = compute()
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            save_row(key, row)
+        else:
+            reused.append(name)
         _adv(b)
-        t0, per = time.perf_counter(), {}
+        return row
+
+    def individual() -> dict[str, Any]:
+        per: dict[str, np.ndarray] = {}
         for t in task_list:
             per |= ev.correct(ft_states[t.name], ft_heads, [t], "test")
-        rows.append(_row("individual", "reference", correct=per,
-                         params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
-                         seconds=round(time.perf_counter() - t0, 2),
-                         train_seconds=_sum(trainer.timings, "probe:", "finetune:"),
-                         **costs({t.name: [ft_states[t.name]] for t in task_list}, ft_heads)))  # fmt: skip
-        _adv(b)
-        t0 = time.perf_counter()
-        rows.append(_row("multitask", "reference",
-                         correct=ev.correct(full_state(s, mt_enc), mt_heads, task_list, "test"),
-                         params=enc_params + _n_params([], list(mt_heads.values())),
-                         seconds=round(time.perf_counter() - t0, 2),
-                         train_seconds=trainer.timings.get("multitask"),
-                         **costs.same(full_state(s, mt_enc), mt_heads)))  # fmt: skip
-        _adv(b)
-        t0 = time.perf_counter()
-        rows.append(_row("ensemble", "reference",
-                         correct=ev.ensemble_correct(list(ft_states.values()), ft_heads, task_list, "test"),
-                         params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
-                         seconds=round(time.perf_counter() - t0, 2),
-                         **costs({t.name: list(ft_states.values()) for t in task_list}, ft_heads)))  # fmt: skip
-        _adv(b)
-    reused: list[str] = []
+        return _row("individual", "reference", correct=per,
+                    params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
+                    train_seconds=_sum(trainer.timings, "probe:", "finetune:"),
+                    **costs({t.name: [ft_states[t.name]] for t in task_list}, ft_heads))  # fmt: skip
+
+    rows: list[dict[str, Any]] = []
+    with bar("evaluate references", 4) as b:
+        rows.append(reference("base", lambda: _row(
+            "base", "reference", correct=ev.correct(base, probes, task_list, "test"),
+            params=enc_params + _n_params([], list(probes.values())), **costs.same(base, probes),
+        )))  # fmt: skip
+        rows.append(reference("individual", individual))
+        rows.append(reference("multitask", lambda: _row(
+            "multitask", "reference",
+            correct=ev.correct(full_state(s, mt_enc), mt_heads, task_list, "test"),
+            params=enc_params + _n_params([], list(mt_heads.values())),
+            train_seconds=trainer.timings.get("multitask"),
+            **costs.same(full_state(s, mt_enc), mt_heads),
+        )))  # fmt: skip
+        rows.append(reference("ensemble", lambda: _row(
+            "ensemble", "reference",
+            correct=ev.ensemble_correct(list(ft_states.values()), ft_heads, task_list, "test"),
+            params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
+            **costs({t.name: list(ft_states.values()) for t in task_list}, ft_heads),
+        )))  # fmt: skip
     rows += _merge_rows(
         s,
         task_list,

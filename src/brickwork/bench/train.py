@@ -10,6 +10,7 @@ base checksum, torch's version and :data:`CODE_VERSION`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -403,9 +404,11 @@ def pretrain_digits(suite: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+@functools.lru_cache(maxsize=None)
 def source_hash(*packages: str) -> str:
     """Hash of the ``.py`` sources of brickwork subpackages (e.g. ``merge``): a cached
-    result computed by other code is never reused."""
+    result computed by other code is never reused. Computed once per process, so one run's
+    rows all carry the same hash even when the sources are edited while it runs."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for pkg in packages:
