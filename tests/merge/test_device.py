@@ -31,15 +31,16 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 
 def _merge(name: str, **kw) -> dict[str, torch.Tensor]:
     base = _state(0)
-    n = 1 if name in ONE_MODEL else 3
+    m = get_method(name)
+    n = 1 if name in ONE_MODEL else min(3, m.n_models[1] or 3)
     g = torch.Generator().manual_seed(5)
     models = [
         {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
          for k, v in base.items()}
         for _ in range(n)
     ]  # fmt: skip
-    m = get_method(name)
     params = {"density": 0.5} if any(p.name == "density" for p in m.params) else {}
+    params |= {p.name: 0.5 for p in m.params if p.required}  # nearswap's t
     return merge_state_dicts(
         name, models, base=None if m.base == "none" else base, parameters=params, seed=1, **kw
     )
