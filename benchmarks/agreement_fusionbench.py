@@ -37,7 +37,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "conv.weight": (16, 8, 3),  # ≥3-D: the mean rule
 }
 N_TASKS = 4
-WUDI_ITERATIONS = 300  # the paper's and FusionBench's function default
+WUDI_ITERATIONS = 300  # FusionBench's function default
 ISO_FRACTION = 0.8
 
 # brickwork method -> parameters (each matching FusionBench's defaults, scaling factors 1)

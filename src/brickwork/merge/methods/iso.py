@@ -29,12 +29,13 @@ def iso_c(
     in the common subspace). With one model: θ_base + α·σ̄(τ) U Vᵀ of that task vector; with
     identical fine-tunes, T times that.
 
-    Every tensor that is not 2-D (biases, norm weights, ≥3-D kernels) gets θ_base + α·mean_i τ_i,
-    as in the paper's code; embeddings are 2-D and are merged as matrices. The paper chooses α
-    on validation data (FusionBench defaults to 1.0, as here). Zero task vectors give
-    the base. Directions whose singular value is 0 (a task vector of rank < min(rows, cols))
-    still receive the mean singular value, so for such inputs the result depends on the null
-    space the SVD routine returns, as in the paper's code.
+    Every tensor that is not 2-D (biases, norm weights, ≥3-D kernels) gets
+    θ_base + α·mean_i τ_i, as in FusionBench's implementation; embeddings are 2-D and are
+    merged as matrices. α is a tuned scaling factor (FusionBench's default 1.0 is used here;
+    the bench searches it on validation data). Zero task vectors give the base. Directions
+    whose singular value is 0 (a task vector of rank < min(rows, cols)) still receive the mean
+    singular value, so for such inputs the result depends on the null space the SVD routine
+    returns, as in FusionBench's implementation.
     """
     taus = stacked_task_vectors(tensors, base)  # (T, *shape)
     if not is_matrix(base):
@@ -45,7 +46,7 @@ def iso_c(
 
 def split_space(r: int, n: int, common_space_fraction: float) -> tuple[int, int]:
     """(common rank k_c, per-task rank k_t) with k_c + n·k_t = r: k_c starts at
-    ⌊r·fraction⌋ and the rest is rounded to a multiple of n, as in the paper's code."""
+    ⌊r·fraction⌋ and the rest is rounded to a multiple of n, as in FusionBench's implementation."""
     k_c = int(r * common_space_fraction)
     k_t = round((r - k_c) / n)
     k_t = min(k_t, r // n)
@@ -74,12 +75,13 @@ def iso_cts(
     U⊥, V⊥, and the result is θ_base + α·σ̄ U⊥ V⊥ᵀ, σ̄ the mean of the r concatenated singular
     values. With one model this is Iso-C.
 
-    Every tensor that is not 2-D (biases, norm weights, ≥3-D kernels) gets θ_base + α·mean_i τ_i,
-    as in the paper's code; embeddings are 2-D and are merged as matrices. The paper chooses α
-    on validation data (FusionBench defaults to 1.0, as here). Zero task vectors give
-    the base. Directions whose singular value is 0 (a task vector of rank < min(rows, cols))
-    still receive the mean singular value, so for such inputs the result depends on the null
-    space the SVD routine returns, as in the paper's code.
+    Every tensor that is not 2-D (biases, norm weights, ≥3-D kernels) gets
+    θ_base + α·mean_i τ_i, as in FusionBench's implementation; embeddings are 2-D and are
+    merged as matrices. α is a tuned scaling factor (FusionBench's default 1.0 is used here;
+    the bench searches it on validation data). Zero task vectors give the base. Directions
+    whose singular value is 0 (a task vector of rank < min(rows, cols)) still receive the mean
+    singular value, so for such inputs the result depends on the null space the SVD routine
+    returns, as in FusionBench's implementation.
     """
     taus = stacked_task_vectors(tensors, base)  # (T, *shape)
     if not is_matrix(base):

@@ -44,7 +44,7 @@ def pcb(
     (intra-balancing) and how much the other tasks agree with it (inter-balancing), drop all
     but the top ``pcb_ratio`` of each task's weights, and take the weighted mean.
 
-    With τ_i the task vectors (N of them) flattened to d entries, as in the paper's code:
+    With τ_i the task vectors (N of them) flattened to d entries, as in the authors' code:
     clip |τ_i| to its ``clip_ratio`` and 1 − ``clip_ratio`` quantiles (outliers; sign kept:
     τ̃_i); intra-balancing β_intra,i = exp(N · Norm(|τ̃_i|)²), the unnormalised softmax over
     the d entries with temperature N (Norm: min-max over the d entries); inter-balancing
@@ -52,13 +52,14 @@ def pcb(
     ⌈d·pcb_ratio⌉ entries are kept: β_i is raised to its largest dropped value (the (k+1)-th
     largest) and min-max normalised, so the k entries above it keep a weight w_i > 0 (a
     softmax's denominator would cancel here, so the softmax need not be taken). Rescale:
-    θ_base + λ Σ_i w_i τ̃_i / Σ_i w_i (an entry no task keeps stays at the base). The paper tunes λ and pcb_ratio on validation data (its code:
-    pcb_ratio 0.1 by default, 0.05 with the evolutionary search of per-task λ); λ = 1 here.
+    θ_base + λ Σ_i w_i τ̃_i / Σ_i w_i (an entry no task keeps stays at the base). The authors'
+    code has pcb_ratio 0.1 by default; their evolutionary-search script uses 0.05 and searches
+    per-task λ in [0.8, 1.3] on validation data. Here λ = 1 by default, one global λ.
 
     Every tensor gets this rule, 1-D (biases, norms) and embeddings alike. The paper
     normalises and takes quantiles over the whole flattened model; here that is done per
     tensor (the streaming model), so the drop keeps the top ``pcb_ratio`` of every tensor.
-    c = ⌊d·clip_ratio⌋ entries are clipped at each end (the paper's code clips at sorted
+    c = ⌊d·clip_ratio⌋ entries are clipped at each end (the authors' code clips at sorted
     position ⌊d(1 − clip_ratio)⌋ − 1, which on tensors with fewer than 1/clip_ratio entries
     clips the largest to the second largest), and the drop keeps ⌈d·pcb_ratio⌉ entries (the
     code keeps d − 1 − ⌊d(1 − pcb_ratio)⌋, one fewer). With one model, or identical

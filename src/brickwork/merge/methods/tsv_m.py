@@ -24,18 +24,19 @@ def tsv_m(
     """TSV-Merge: keep each task vector's top 1/T singular vectors, decorrelate the tasks'
     singular vectors, and add the sum to the base, scaled by ``alpha``.
 
-    For a matrix (2-D tensor, embeddings included, as in the paper's code) with T task vectors
-    τ_i = U_i Σ_i V_iᵀ and r = min(rows, cols): keep k = ⌊r/T⌋ singular triplets of each (at
-    least 1), concatenate U = [U_1,k … U_T,k], Σ = diag(Σ_1,k … Σ_T,k), V = [V_1,k … V_T,k],
-    replace U and V by their orthogonal polar factors (U⊥ = P Qᵀ from U = P S Qᵀ, the
-    whitening / Procrustes step of §4) and return θ_base + α U⊥ Σ V⊥ᵀ. The paper's default is
-    α = 1.
+    For a matrix (a 2-D tensor, embeddings included, as in FusionBench's implementation) with
+    T task vectors τ_i = U_i Σ_i V_iᵀ and r = min(rows, cols): keep k = ⌊r/T⌋ singular
+    triplets of each (at least 1), concatenate U = [U_1,k … U_T,k], Σ = diag(Σ_1,k … Σ_T,k),
+    V = [V_1,k … V_T,k], replace U and V by their orthogonal polar factors (U⊥ = P Qᵀ from
+    U = P S Qᵀ: the whitening / orthogonal Procrustes step) and return θ_base + α U⊥ Σ V⊥ᵀ.
+    FusionBench's default, used here, is α = 1.
 
     Every other tensor (biases, norm weights, ≥3-D kernels) gets θ_base + α·mean_i τ_i, as in
-    the paper's code. With one model k = r, U and V are already orthonormal and the result is
-    θ_base + α τ (task arithmetic); zero task vectors give the base. If the task vectors share
-    singular directions (e.g. identical fine-tunes), U is rank-deficient and its polar factor
-    is not unique: the result then depends on the SVD routine, in the paper's code as here.
+    FusionBench's implementation. With one model k = r, U and V are already orthonormal and
+    the result is θ_base + α τ (task arithmetic); zero task vectors give the base. If the task
+    vectors share singular directions (e.g. identical fine-tunes), U is rank-deficient and its
+    polar factor is not unique: the result then depends on the SVD routine, in FusionBench as
+    here.
     """
     taus = stacked_task_vectors(tensors, base)  # (T, *shape)
     n = taus.shape[0]

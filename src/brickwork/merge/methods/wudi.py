@@ -8,7 +8,7 @@ from pydantic import Field
 from ..registry import merge_method
 from ._subspace import finish, is_matrix, stacked_task_vectors
 
-_BETAS = (0.9, 0.999)  # Adam's defaults, as in the paper's code
+_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as FusionBench runs it
 _EPS = 1e-8
 
 
@@ -47,19 +47,20 @@ def wudi(
     by Adam (lr ``lr``, betas (0.9, 0.999), ε = 1e-8), starting at Σ_i τ_i; return
     θ_base + τ_m (no scaling factor, as in the paper).
 
-    The paper's code runs 300 Adam steps at lr 1e-5 (FusionBench's config: 400); the default
-    here is 100 steps, so a small model's matrices take seconds at most on a CPU (MiniLM's
+    FusionBench's implementation runs 300 Adam steps at lr 1e-5 (its config: 400); the
+    default here is 100 steps, so a small model's matrices take seconds at most on a CPU (MiniLM's
     384×384 / 1536×384 / 384×1536 with 8 tasks: 0.5 / 1.6 / 3.1 s on one thread);
-    ``iterations: 300`` reproduces the paper. The gradient 2·Σ_i (τ_m − τ_i) τ_iᵀτ_i / ‖τ_i‖²
+    ``iterations: 300`` gives FusionBench's. The gradient 2·Σ_i (τ_m − τ_i) τ_iᵀτ_i / ‖τ_i‖²
     is computed in closed form (no autograd), through the Gram matrix Σ_i τ_iᵀτ_i / ‖τ_i‖² or
     the stacked task vectors, whichever is cheaper. Adam's steps are at most about ``lr`` per
     entry, so the result stays near the sum; what it moves depends on the task vectors' scale.
 
     Only one tensor's task vectors are needed, so WUDI fits the streaming executor. Every
     tensor that is not 2-D (biases, norm weights, ≥3-D kernels) gets θ_base + mean_i τ_i, as
-    in the paper's code; embeddings are 2-D and are optimised as matrices. With one model the
-    loss is minimised at τ_m = τ, which is also the start: the result is the fine-tune (returned
-    without steps: Adam would turn the rounding error of a zero gradient into steps of ``lr``).
+    in FusionBench's implementation; embeddings are 2-D and are optimised as matrices. With one
+    model the loss is minimised at τ_m = τ, which is also the start: the result is the
+    fine-tune (returned without steps: Adam would turn the rounding error of a zero gradient
+    into steps of ``lr``).
     Identical fine-tunes start at T·τ and move towards τ. Zero task vectors give the base.
     """
     taus = stacked_task_vectors(tensors, base)  # (T, rows, cols)
