@@ -49,21 +49,30 @@ def merge(
 ) -> None:
     """Merge the checkpoints a RECIPE names into one model at OUT."""
     import time
+    import warnings
 
+    from .errors import RegularizedWarning
     from .merge.api import merge as do_merge
 
     t0 = time.perf_counter()
-    path = do_merge(
-        recipe,
-        out,
-        dtype=dtype,
-        shard_size=shard_size,
-        seed=seed,
-        force=force,
-        progress=not quiet,
-        compute_dtype=compute_dtype,
-        device=device,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RegularizedWarning)
+        path = do_merge(
+            recipe,
+            out,
+            dtype=dtype,
+            shard_size=shard_size,
+            seed=seed,
+            force=force,
+            progress=not quiet,
+            compute_dtype=compute_dtype,
+            device=device,
+        )
+    for w in caught:  # a ridge added to a singular system: one line, not a source excerpt
+        if issubclass(w.category, RegularizedWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not quiet:
         typer.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
 
@@ -95,7 +104,7 @@ def methods(
                   show_lines=not wide)  # SIMPLE_HEAD's row lines are blank  # fmt: skip
     for col in wide_cols if wide else ["method", "base", "seeded", "parameters · reference"]:
         table.add_column(col, no_wrap=wide or col != "parameters · reference")
-    for name in list_methods():
+    for name in list_methods(data_aware=True):
         m = get_method(name)
         per_model, glob = fmt(m.per_model_params), fmt(m.global_params)
         cells = [name, m.base, "yes" if m.seeded else "no"]
@@ -111,8 +120,12 @@ def methods(
     if wide:  # as wide as the table: pipe it to `less -S`, or let the terminal wrap
         natural = Measurement.get(console, console.options.update_width(10_000), table)
         console = Console(width=max(console.width, natural.maximum))
+    data_aware = sorted(set(list_methods(data_aware=True)) - set(list_methods()))
     console.print(
-        Text("merge methods (base: needs a base model; seeded: draws random numbers, --seed)")
+        Text(
+            "merge methods (base: needs a base model; seeded: draws random numbers, --seed; "
+            f"{', '.join(data_aware)} need calibration data: a 'data:' block per model)"
+        )
     )
     console.print(table)
 

@@ -170,6 +170,15 @@ def regmean_plusplus(
             _load(merged, out)
             _load(work, out)
             info["stages"] += 1
+    if info["regularized"]:
+        first = info["regularized"][0]
+        warnings.warn(
+            RegularizedWarning(
+                f"regmean_plusplus: {len(info['regularized'])} singular system(s) solved with "
+                f"a small ridge (first: tensor '{first['tensor']}': {first['note']})"
+            ),
+            stacklevel=2,
+        )
     return merged, info
 
 
