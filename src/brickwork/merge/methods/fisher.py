@@ -6,12 +6,12 @@ Averaging, NeurIPS 2022, arXiv:2111.09832):
 
 ``F_i`` is model ``i``'s diagonal Fisher (``brickwork.stats``: per-example squared
 gradients of log p(y|x), y from the model's own predictive distribution by default, the
-true Fisher), floored at ``fisher_floor`` (``max(F, floor)``, the paper's code) and with
-``epsilon`` added (FusionBench's ``minimal_fisher_weight``), so an entry no model's data
-moves gets the plain weighted average instead of 0 / 0. ``weight`` is the paper's ``λ_i``;
-``normalize: true`` divides each model's Fisher by its L2 norm over every parameter (the
-paper's "normalised Fishers", ``λ_i / (‖F_i‖ + epsilon)`` as FusionBench computes it), so a
-model whose gradients are larger overall does not dominate. Tensors without a Fisher
+true Fisher), floored at ``fisher_floor`` (``max(F, floor)``) and with ``epsilon`` added
+(FusionBench's ``minimal_fisher_weight``), so an entry no model's data moves gets the plain
+weighted average instead of 0 / 0. ``weight`` is the paper's ``λ_i``; ``normalize: true``
+divides each model's Fisher by its L2 norm over every parameter
+(``λ_i / (‖F_i‖ + epsilon)``, as FusionBench's ``normalize_fisher_weight`` computes it), so
+a model whose gradients are larger overall does not dominate. Tensors without a Fisher
 (buffers) are averaged with the weights.
 """
 

@@ -13,8 +13,8 @@ paper uses ``α = 0.9``), which also keeps ``Σ G̃_i`` well conditioned. GPT-2'
 stores ``W`` as ``(in, out)``: the same solve without the transposes. Tensors that are not
 the weight of a linear layer (biases, norms, embeddings) are averaged, as in the paper.
 
-``gram: mean`` uses ``G_i = X_iᵀX_i / n_i`` (the authors' code and FusionBench: each
-model's data counts equally whatever its size); ``gram: sum`` uses the paper's ``X_iᵀX_i``
+``gram: mean`` uses ``G_i = X_iᵀX_i / n_i`` (as FusionBench does: each model's data counts
+equally whatever its size); ``gram: sum`` uses the paper's ``X_iᵀX_i``
 (models with more rows weigh more; then two models fit on disjoint data merge into the
 least-squares fit on their union). The Gram matrices are solved in float64 with a Cholesky
 factorisation; a singular ``Σ G̃_i`` gets the smallest ridge ``λ I`` (from 1e-10 × its mean
