@@ -5,6 +5,8 @@ The public API (everything else is private to its package)::
     brickwork.merge(recipe, out)                 # files -> model directory (streaming)
     brickwork.merge_state_dicts(method, models)  # in memory
     brickwork.merge_modules(method, modules)
+    brickwork.merge_modules("regmean", modules, data=[batches_0, batches_1])  # data-aware
+    brickwork.statistics_for(module, batches, "gram" | "fisher")  # cached statistics
     brickwork.list_methods(), brickwork.get_method(name)
     brickwork.open_checkpoint(path_or_state_dict)
     brickwork.load_recipe(path), brickwork.parse_recipe(dict)
@@ -26,6 +28,7 @@ _EXPORTS = {
     "merge": "brickwork.merge.api",
     "merge_state_dicts": "brickwork.merge.api",
     "merge_modules": "brickwork.merge.api",
+    "statistics_for": "brickwork.stats",
     "list_methods": "brickwork.merge.registry",
     "get_method": "brickwork.merge.registry",
     "merge_method": "brickwork.merge.registry",
