@@ -480,3 +480,50 @@ def test_cli_regmean_plusplus(run_cli, tmp_path, gpt2_family):
     assert torch.isfinite(merged(torch.tensor([[2, 3, 4]])).logits).all()
     prov = json.loads((tmp_path / "out" / "brickwork.json").read_text())
     assert prov["method_info"]["stages"] >= 3 and len(prov["statistics"]) == 2
+
+
+def test_adamerging_runs_through_merge_modules():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 3))
+    fts = []
+    for i in range(2):
+        m = nn.Sequential(nn.Linear(4, 3))
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            m[0].weight.add_(torch.randn(3, 4, generator=_g(i)))
+        fts.append(m)
+    data = [[torch.randn(8, 4, generator=_g(10 + i))] for i in range(2)]
+    out = brickwork.merge_modules(
+        "adamerging", fts, base=base, data=data, parameters={"steps": 2, "mode": "task"}
+    )
+    assert out[0].weight.shape == (3, 4) and torch.isfinite(out[0].weight).all()
+    with pytest.raises(brickwork.BrickworkError, match="stepz"):
+        brickwork.merge_modules("adamerging", fts, base=base, data=data, parameters={"stepz": 2})
+
+
+def test_cli_jsonl_data_and_a_model_without_tokenizer(run_cli, tmp_path, gpt2_family):
+    (m0, m1, m2), _ = gpt2_family
+    rows = tmp_path / "calib.jsonl"
+    rows.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(CORPUS)))
+    data = {"path": str(rows), "field": "body", "n_examples": 20}
+    r = write_yaml(tmp_path / "r.yaml", {"method": "regmean", "models": [
+        {"model": str(m1), "data": data}, {"model": str(m2), "data": data}]})  # fmt: skip
+    code, out, err = run_cli("merge", r, tmp_path / "out", "-q")
+    assert code == 0, out + err
+    prov = json.loads((tmp_path / "out" / "brickwork.json").read_text())
+    assert {s["examples"] for s in prov["statistics"]} == {20}
+    # the wrong field names the line, the field and what is there
+    bad = {**data, "field": "text"}
+    r = write_yaml(tmp_path / "f.yaml", {"method": "regmean", "models": [
+        {"model": str(m1), "data": bad}, {"model": str(m2), "data": data}]})  # fmt: skip
+    code, out, err = run_cli("merge", r, tmp_path / "o2", "-q")
+    assert code == 2 and "line 1: no text field 'text' (found: body, id)" in err
+    # text data for a model directory without tokenizer files
+    from transformers import GPT2LMHeadModel
+
+    bare = tmp_path / "bare"
+    GPT2LMHeadModel.from_pretrained(m1).save_pretrained(bare)
+    r = write_yaml(tmp_path / "t.yaml", {"method": "regmean", "models": [
+        {"model": str(bare), "data": data}, {"model": str(m2), "data": data}]})  # fmt: skip
+    code, out, err = run_cli("merge", r, tmp_path / "o3", "-q")
+    assert code == 2 and "no tokenizer files" in err and "input_ids" in err
