@@ -527,3 +527,16 @@ def test_cli_jsonl_data_and_a_model_without_tokenizer(run_cli, tmp_path, gpt2_fa
         {"model": str(bare), "data": data}, {"model": str(m2), "data": data}]})  # fmt: skip
     code, out, err = run_cli("merge", r, tmp_path / "o3", "-q")
     assert code == 2 and "no tokenizer files" in err and "input_ids" in err
+
+
+def test_cli_data_block_for_a_data_free_method_and_existing_output(run_cli, tmp_path, gpt2_family):
+    (m0, m1, m2), text = gpt2_family
+    data = {"path": str(text), "n_examples": 24}
+    models = [{"model": str(m1), "data": data}, {"model": str(m2), "data": data}]
+    r = write_yaml(tmp_path / "r.yaml", {"method": "linear", "models": models})
+    code, out, err = run_cli("merge", r, tmp_path / "out", "-q")
+    assert code == 2 and "uses no calibration data" in err
+    (tmp_path / "taken").mkdir()
+    r = write_yaml(tmp_path / "g.yaml", {"method": "regmean", "models": models})
+    code, out, err = run_cli("merge", r, tmp_path / "taken", "-q")
+    assert code == 2 and "already exists" in err

@@ -16,7 +16,7 @@ import yaml
 from ..checkpoint.provenance import environment
 from ..checkpoint.reader import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..checkpoint.writer import CheckpointWriter
-from ..errors import CheckpointError, OutputExistsError
+from ..errors import CheckpointError, OutputExistsError, RecipeError
 from ..recipe import MergeRecipe, ModelEntry, load_recipe, parse_recipe
 from .executor import execute, resolve_device
 from .plan import _DTYPES, Plan, build_plan
@@ -155,6 +155,7 @@ def merge(
     ckpts = _open_models(recipe, recipe_dir)
     check_output_is_not_input(out, ckpts)
     method = get_method(recipe.method)
+    _check_data_blocks(recipe, method, out, force)
     if method.level == "module":
         from .data_aware import merge_module_level
 
@@ -196,6 +197,22 @@ def merge(
                 extra = {"statistics": stats.provenance(), "regularized": stats.ridges()}
             _write_provenance(writer, recipe, method, inputs, extra)
     return out
+
+
+def _check_data_blocks(recipe: MergeRecipe, method: MergeMethod, out: Path, force: bool) -> None:
+    """A ``data:`` block for a method that uses no data is a mistake (a wrong method name?);
+    for one that does, an existing output is refused before the statistics are computed."""
+    given = [e.model for e in recipe.models or [] if e.data is not None]
+    if given and not method.needs_data:
+        raise RecipeError(
+            f"models {', '.join(repr(k) for k in given)} have a 'data:' block, but method "
+            f"'{method.name}' uses no calibration data. Remove the blocks, or choose a "
+            "data-aware method (regmean, fisher, regmean_plusplus, adamerging)."
+        )
+    if method.needs_data and out.exists() and not force:
+        raise OutputExistsError(
+            f"{out}: already exists. Choose another output path or pass --force to replace it."
+        )
 
 
 def _write_provenance(
