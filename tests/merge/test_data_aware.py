@@ -61,7 +61,7 @@ def test_data_aware_methods_are_registered_apart():
     assert not {"regmean", "fisher", "regmean_plusplus", "adamerging"} & set(list_methods())
     assert get_method("regmean").statistics == ("gram",)
     assert get_method("fisher").statistics == ("fisher",)
-    assert [p.name for p in get_method("regmean").params] == ["alpha", "gram"]
+    assert [p.name for p in get_method("regmean").params] == ["alpha", "gram", "check_rows"]
     ada = get_method("adamerging")  # imported lazily from brickwork.merge.adamerging
     assert ada.level == "module" and ada.needs_base
     assert {"mode", "init", "steps", "lr"} <= {p.name for p in ada.params}
@@ -286,6 +286,10 @@ def test_too_few_examples_for_a_gram_matrix_says_how_many():
     m = _linear(torch.randn(2, 8))
     with pytest.raises(DataError, match=r"from 5 non-padding input rows.*width 8.*at least 8"):
         brickwork.merge_modules("regmean", [m, m], data=[[torch.randn(5, 8)]] * 2)
+    out = brickwork.merge_modules(  # alpha < 1 keeps the system solvable: merged anyway
+        "regmean", [m, m], data=[[torch.randn(5, 8)]] * 2, parameters={"check_rows": False}
+    )
+    torch.testing.assert_close(out[0].weight, m[0].weight, atol=1e-5, rtol=1e-5)
 
 
 def test_singular_system_gets_a_ridge_warned_and_recorded():

@@ -16,7 +16,8 @@ the weight of a linear layer (biases, norms, embeddings) are averaged, as in the
 ``gram: mean`` uses ``G_i = X_iᵀX_i / n_i`` (as FusionBench does: each model's data counts
 equally whatever its size); ``gram: sum`` uses the paper's ``X_iᵀX_i``
 (models with more rows weigh more; then two models fit on disjoint data merge into the
-least-squares fit on their union). The Gram matrices are solved in float64 with a Cholesky
+least-squares fit on their union). ``check_rows`` (default true) refuses a Gram matrix
+measured on fewer rows than the layer's input width (it is singular). The Gram matrices are solved in float64 with a Cholesky
 factorisation; a singular ``Σ G̃_i`` gets the smallest ridge ``λ I`` (from 1e-10 × its mean
 diagonal up) that makes it positive definite, with a :class:`RegularizedWarning` that the
 output's provenance records.
@@ -70,7 +71,9 @@ def check_rows(stats: list[TensorStatistics], width: int) -> None:
                 f"rows, fewer than the layer's input width {width}, so it is singular and "
                 f"RegMean's solve ill-conditioned. Give at least {width} non-padding tokens "
                 "(more examples, or longer ones: n_examples / max_length in the data block); "
-                "several times that is better."
+                "several times that is better. Layers that see one row per example (a pooler "
+                "or classifier on [CLS]) need that many examples; check_rows: false merges "
+                "anyway (with alpha < 1 the system stays solvable)."
             )
 
 
@@ -80,6 +83,7 @@ def regmean_merge(
     *,
     alpha: float,
     gram: str,
+    check: bool = True,
     where: str = "",
 ) -> torch.Tensor:
     """The RegMean closed form for one linear weight (see the module docstring)."""
@@ -88,7 +92,8 @@ def regmean_merge(
         raise MergeComputationError(
             "the models' linear layers disagree on the weight layout (nn.Linear vs Conv1D)."
         )
-    check_rows(stats, tensors[0].shape[axis])
+    if check:
+        check_rows(stats, tensors[0].shape[axis])
     a = None
     b = None
     for w, st in zip(tensors, stats):
@@ -132,6 +137,7 @@ def regmean(
     statistics: list[TensorStatistics | None],
     alpha: Alpha = 0.9,
     gram: Literal["mean", "sum"] = "mean",
+    check_rows: bool = True,
 ) -> torch.Tensor:
     """RegMean: linear weights by the closed form (Σ G̃_i)⁻¹ Σ G̃_i W_i from each model's input
     Gram matrices (off-diagonals scaled by alpha); every other tensor averaged."""
@@ -145,4 +151,4 @@ def regmean(
             f"({', '.join(lacking) or 'a model without statistics'}); compute the statistics of "
             "every model on the same architecture."
         )
-    return regmean_merge(tensors, statistics, alpha=alpha, gram=gram)  # type: ignore[arg-type]
+    return regmean_merge(tensors, statistics, alpha=alpha, gram=gram, check=check_rows)  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ model's. RegMean++ follows the merged model:
    layers ``< l`` and model ``i``'s layer ``l`` runs on model ``i``'s calibration data, and
    the inputs of layer ``l``'s linear layers give ``G_i`` (intra-layer dependencies: inside
    the layer, model ``i``'s own sub-layers feed each other); layer ``l`` is then merged with
-   RegMean's closed form (:mod:`.regmean`, same ``alpha``, ``gram`` and ridge rule) and
+   RegMean's closed form (:mod:`.regmean`, same ``alpha``, ``gram``, ``check_rows`` and
+   ridge rule) and
    its other tensors averaged;
 3. the tensors after the last layer (final norm, pooler, heads) are merged the same way on
    the merged trunk's outputs.
@@ -110,6 +111,7 @@ def regmean_plusplus(
     *,
     alpha: Alpha = 0.9,
     gram: Literal["mean", "sum"] = "mean",
+    check_rows: bool = True,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -160,7 +162,9 @@ def regmean_plusplus(
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always", RegularizedWarning)
                         try:
-                            out[n] = regmean_merge(tensors, stats[n], alpha=alpha, gram=gram)
+                            out[n] = regmean_merge(
+                                tensors, stats[n], alpha=alpha, gram=gram, check=check_rows
+                            )
                         except DataError as e:
                             raise DataError(f"tensor '{n}': {e}") from None
                     info["regularized"] += [{"tensor": n, "note": str(w.message)} for w in caught]
