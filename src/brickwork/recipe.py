@@ -234,12 +234,14 @@ class MergeRecipe(_Strict):
             want = (
                 f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
             )
-            role = "" if m.base == "none" else " besides the base"
+            role = " besides the base" if base is not None or m.needs_base else ""
+            hint = {
+                "required": ", and the base as 'base:' ('base_model:')",
+                "optional": " (a base, 'base:' / 'base_model:', is optional)",
+            }.get(m.base, "")
             raise RecipeError(
                 f"{where}: method '{m.name}' merges {want} model(s){role}; got {len(others)}"
-                f" ({', '.join(others) or 'none'}). List {want}"
-                + ("" if m.base == "none" else ", and the base as 'base:' ('base_model:')")
-                + "."
+                f" ({', '.join(others) or 'none'}). List {want}{hint}."
             )
 
     def model_paths(self) -> list[str]:
