@@ -168,7 +168,7 @@ def merge(
     if method.statistics:
         from .data_aware import recipe_statistics
 
-        stats = recipe_statistics(recipe, ckpts, recipe_dir=recipe_dir)
+        stats = recipe_statistics(recipe, ckpts, recipe_dir=recipe_dir, progress=progress)
     out_dtype = _DTYPES[recipe.dtype] if recipe.dtype else None
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash inputs while merging
         digests = {k: pool.submit(ck.checksum) for k, ck in ckpts.items()}

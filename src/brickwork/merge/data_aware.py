@@ -61,9 +61,17 @@ def _load(ck: Checkpoint, entry: ModelEntry, recipe_dir: Path | None) -> tuple[n
 
 
 def recipe_statistics(
-    recipe: MergeRecipe, ckpts: dict[str, Checkpoint], *, recipe_dir: Path | None
+    recipe: MergeRecipe,
+    ckpts: dict[str, Checkpoint],
+    *,
+    recipe_dir: Path | None,
+    progress: bool = False,
 ) -> StatisticsSource:
-    """The statistics of every model of ``recipe`` on its ``data:`` block (cached)."""
+    """The statistics of every model of ``recipe`` on its ``data:`` block (cached); with
+    ``progress`` one line per model and kind on stderr."""
+    import sys
+    import time
+
     m = get_method(recipe.method)
     files: dict[str, dict[str, Any]] = {}
     for e in _entries(recipe, m):
@@ -71,6 +79,7 @@ def recipe_statistics(
         module, batches = _load(ck, e, recipe_dir)
         files[e.model] = {}
         for kind in m.statistics:
+            t0 = time.perf_counter()
             f = statistics_for(
                 module,
                 batches,
@@ -88,6 +97,12 @@ def recipe_statistics(
                     f"{type(module).__name__}, whose names differ from the file's."
                 )
             files[e.model][kind] = f
+            if progress:
+                how = "read from the cache" if f.hit else f"{time.perf_counter() - t0:.1f}s"
+                print(
+                    f"statistics ({kind}) of {e.model}: {f.info.get('examples')} examples, {how}",
+                    file=sys.stderr,
+                )
         del module
     return StatisticsSource(files)
 

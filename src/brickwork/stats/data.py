@@ -201,6 +201,10 @@ def load_hf_module(path: Path, where: str) -> nn.Module:
     archs = getattr(cfg, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
     cls = cls or transformers.AutoModel
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # brickwork says what it loads; no bar per model
     try:
         model = cls.from_pretrained(str(model_dir))
     except Exception as e:
@@ -208,4 +212,7 @@ def load_hf_module(path: Path, where: str) -> nn.Module:
             f"{where}: transformers cannot load {model_dir} as {getattr(cls, '__name__', cls)} "
             f"({str(e).splitlines()[0][:200]})."
         ) from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.eval()
