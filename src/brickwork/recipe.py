@@ -222,7 +222,7 @@ class MergeRecipe(_Strict):
         lo, hi = m.n_models
         if (lo, hi) == (1, None):
             return
-        groups = [("models", [e.model for e in self.models or []], self.base)]
+        groups = [("models", [e.model for e in self.models], self.base)] if self.models else []
         for i, s in enumerate(self.slices or []):
             groups.append(
                 (f"slices[{i}].sources", [x.model for x in s.sources], s.base_model or self.base)

@@ -453,3 +453,27 @@ parameters:
     assert "'nuslerp' merges exactly 2 model(s) besides the base; got 1" in stderr
     assert str(tiny_models["ft1"]) in stderr
     assert not out.exists()
+
+
+def test_mergekit_slices_nuslerp_and_a_wrong_count_per_slice(run_cli, tmp_path, tiny_models):
+    def recipe(sources):
+        src = "".join(
+            f"      - model: {tiny_models[n]}\n        layer_range: [0, 1]\n" for n in sources
+        )
+        return f"merge_method: nuslerp\nslices:\n  - sources:\n{src}parameters:\n  weight: 1.0\n"
+
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        "merge", write_yaml(tmp_path / "a.yaml", recipe(["ft1", "ft2"])), out, "-q"
+    )
+    assert code == 0, stdout + stderr
+    sds = {k: load_file(p / "model.safetensors") for k, p in tiny_models.items()}
+    expected = merge_state_dicts("nuslerp", [sds["ft1"], sds["ft2"]], compute_dtype="input")
+    got = load_file(out / "model.safetensors")
+    assert all(torch.equal(got[k], expected[k]) for k in NAMES)
+    bad = write_yaml(tmp_path / "b.yaml", recipe(["ft1", "ft2", "ft3"]))
+    code, _, stderr = run_cli("merge", bad, tmp_path / "out2", "-q")
+    assert (
+        code == 2
+        and "slices[0].sources: method 'nuslerp' merges exactly 2 model(s); got 3" in stderr
+    )
