@@ -182,3 +182,36 @@ def test_gcide_task_labels_are_the_dictionary_labels(gcide):
         for word, y in zip(field.inputs, field.labels):
             fields = {s.field for e in by_lower[word] for s in e.senses if s.field}
             assert fields == {classes["word_field"][y]}
+
+
+def test_syllables_and_accent_come_from_gcide_marks():
+    assert D.syllables('Ab*ju"ra*to*ry', "Abjuratory") == (5, 2)
+    assert D.syllables('As*so`ci*a"tion', "Association") == (5, 4)  # ` is the secondary accent
+    assert D.syllables('Ab*jure"', "Abjure") == (2, 2)  # the accent mark ends the word
+    assert D.syllables("Dog", "Dog") == (1, None)
+    assert D.syllables('Ab*ju"ra*to*ry', "Abjure") is None  # letters are not the headword's
+    assert D.syllables('Ac*cel"er*ate (-[=a]t)', "Accelerate") is None  # not plain marks
+
+
+@needs("dict-gcide")
+def test_known_gcide_spellings_give_their_syllables(gcide):
+    assert gcide["Abjuratory"][0].spelling == 'Ab*ju"ra*to*ry'
+    assert gcide["Abacus"][0].spelling == 'Ab"a*cus'
+    suite = make_suite("text", quick=True, tasks=["word_syllables", "word_stress"])
+    by_lower: dict[str, set[tuple[int, int | None]]] = {}
+    for head, entries in gcide.items():
+        for e in entries:
+            got = D.syllables(e.spelling or "", head)
+            if got:
+                by_lower.setdefault(head.lower(), set()).add(got)
+    for split in D.SPLITS:
+        syl, acc = (
+            suite.task("word_syllables").splits[split],
+            suite.task("word_stress").splits[split],
+        )
+        for word, y in zip(syl.inputs, syl.labels):
+            ((n, _),) = by_lower[word]  # one spelling: unambiguous words only
+            assert T.SYLLABLES[y] == (str(n) if n < 6 else "6+")
+        for word, y in zip(acc.inputs, acc.labels):
+            ((n, a),) = by_lower[word]
+            assert n > 1 and T.ACCENTS[y] == T.ACCENTS[min(a, 4) - 1]

@@ -167,7 +167,7 @@ USAGE_LABELS = (
     "Poetic", "Local, U. S.", "Humorous", "Obsolete", "Rare",
 )  # fmt: skip
 
-_G_HEAD = re.compile(r"(?P<head>[^\\\n]+?) \\[^\\\n]*\\")
+_G_HEAD = re.compile(r"(?P<head>[^\\\n]+?) \\(?P<spelling>[^\\\n]*)\\")
 _G_POS = re.compile(r",\s*(?P<pos>(?:[a-z]+\.\s*)+(?:&\s*(?:[a-z]+\.\s*)+)?)")
 _G_FIELD = re.compile(r"[A-Z][A-Za-z]*\.(?: [A-Z][A-Za-z]*\.)*")
 _G_TAG = re.compile(r"\[(?:[^\[\]]*(?:Webster|WordNet|PJC|Century)[^\[\]]*)\]")
@@ -193,6 +193,10 @@ class GcideEntry:
     pos: str | None  # as written: "n.", "v. t.", "a.", ...
     etym: str | None  # the language the etymology starts with ("L.", "F.", ...), if any
     senses: tuple[GcideSense, ...]  # only senses from Webster 1913 / PJC, not from WordNet
+    #: the headword as GCIDE spells it between backslashes, with syllable breaks ``*``, the
+    #: primary accent ``"`` and the secondary accent ``` ` ``` after their syllables:
+    #: ``Ab*ju"ra*to*ry``
+    spelling: str | None = None
 
 
 def _gcide_clean(text: str) -> str:
@@ -280,7 +284,9 @@ def _gcide_entry(index: int, raw: str) -> GcideEntry | None:
     senses = _gcide_senses(["\n".join(lines[n:]), *paragraphs[1:]], field)
     if usage:
         senses = [s if s.usage else GcideSense(s.text, s.field, usage[1]) for s in senses]
-    return GcideEntry(index, _gcide_clean(m["head"]), pos, etym, tuple(senses))
+    return GcideEntry(
+        index, _gcide_clean(m["head"]), pos, etym, tuple(senses), m["spelling"].strip() or None
+    )
 
 
 def read_gcide(*, path: Path | None = None) -> list[GcideEntry]:
@@ -352,6 +358,23 @@ def wordlist_members(language: str, words: set[str], *, root: Path | None = None
         encoding="utf-8", errors="replace"
     )
     return words.intersection(text.lower().split("\n"))
+
+
+_SYLLABLE_MARKS = re.compile(r"[*\"`]")
+
+
+def syllables(spelling: str, headword: str) -> tuple[int, int | None] | None:
+    """``(number of syllables, which syllable has the primary accent)`` of one GCIDE
+    headword from its marked spelling (``Ab*ju"ra*to*ry`` -> ``(5, 2)``; ``Cat`` -> ``(1,
+    None)``: a word of one syllable has no accent mark), or None when the spelling is not
+    plain letters and marks or its letters are not the headword's."""
+    if not re.fullmatch(r"[A-Za-z]+(?:[*\"`]+[A-Za-z]+)*[*\"`]*", spelling):
+        return None
+    if _SYLLABLE_MARKS.sub("", spelling).lower() != headword.lower():
+        return None
+    pieces = re.findall(r"([A-Za-z]+)([*\"`]*)", spelling)  # (syllable, the marks after it)
+    accent = next((i + 1 for i, (_, marks) in enumerate(pieces) if '"' in marks), None)
+    return len(pieces), accent
 
 
 def word_group(word: str) -> str:

@@ -404,7 +404,7 @@ def pretrain_digits(suite: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_hash(*packages: str) -> str:
     """Hash of the ``.py`` sources of brickwork subpackages (e.g. ``merge``): a cached
     result computed by other code is never reused. Computed once per process, so one run's
