@@ -544,3 +544,22 @@ def test_cli_data_block_for_a_data_free_method_and_existing_output(run_cli, tmp_
     r = write_yaml(tmp_path / "g.yaml", {"method": "regmean", "models": models})
     code, out, err = run_cli("merge", r, tmp_path / "taken", "-q")
     assert code == 2 and "already exists" in err
+
+
+def test_cli_ridge_is_one_warning_line_and_in_the_provenance(run_cli, tmp_path, gpt2_family):
+    from safetensors.torch import save_file
+
+    (m0, m1, m2), _ = gpt2_family
+    ids = tmp_path / "few.safetensors"  # 8 tokens for layers 16 wide: singular Gram matrices
+    save_file({"input_ids": torch.randint(2, 40, (2, 4), generator=_g(0))}, ids)
+    models = [{"model": str(m), "data": {"path": str(ids)}} for m in (m1, m2)]
+    r = write_yaml(tmp_path / "r.yaml", {"method": "regmean", "models": models,
+                                         "parameters": {"alpha": 1.0, "check_rows": False}})  # fmt: skip
+    code, out, err = run_cli("merge", r, tmp_path / "out", "-q")
+    assert code == 0, out + err
+    lines = [line for line in err.splitlines() if "ridge" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: regmean: ")
+    prov = json.loads((tmp_path / "out" / "brickwork.json").read_text())
+    assert prov["regularized"] and all("ridge" in r["note"] for r in prov["regularized"])
+    # Σ_i G_i of two models' 8 rows each is singular where a layer is wider than 16
+    assert {r["tensor"] for r in prov["regularized"]} >= {"transformer.h.0.mlp.c_proj.weight"}
