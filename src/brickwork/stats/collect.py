@@ -22,7 +22,11 @@ weight tensor name, what data-aware methods need (DESIGN.md "Statistics").
   FusionBench's ``fisher_merging`` and the original Bloomberg RegMean/Fisher code square the
   gradient of a whole batch's summed log-likelihood, ``(Σ_n ∇ log p_n)²``, which is not the
   per-example diagonal ``Σ_n (∇ log p_n)²`` (the cross terms between examples do not vanish);
-  brickwork computes the latter, with a loop over examples.
+  brickwork computes the latter, with a loop over examples (one forward and backward pass
+  per example: ``vmap`` over a batch would hold batch × parameter-count gradients at once).
+
+Memory while collecting: the model, one example's activations and gradients, and one
+float64 ``(in, in)`` accumulator per linear layer (a merge later reads them one at a time).
 
 The module is never modified: hooks are removed, the train/eval mode is restored, and
 gradients are taken with :func:`torch.func.functional_call` on detached copies of the
