@@ -135,6 +135,9 @@ def merge(
     override the recipe's. ``device``: where each tensor is computed — cpu (default), cuda,
     cuda:N, or auto (cuda if available); reading and writing stay on the CPU.
     The output appears atomically; on any error nothing is left at ``out``.
+    Data-aware methods (regmean, fisher, regmean_plusplus, adamerging) read each model's
+    ``data:`` block, load the models with transformers, and record the statistics they used
+    in ``brickwork.json`` (statistics are cached under ``$BRICKWORK_CACHE/statistics``).
     """
     recipe_dir = None
     if isinstance(recipe, str | os.PathLike):
