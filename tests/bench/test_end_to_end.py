@@ -52,7 +52,8 @@ def test_every_registered_method_has_a_row(quick_results):
     methods = [r["method"] for r in results["rows"]]
     assert methods[:4] == ["base", "individual", "multitask", "ensemble"]
     n = len(MOE_ROWS)
-    assert sorted(methods[4:-n]) == list_methods()  # merge rows, then the MoE rows
+    # data-free merge rows, data-aware merge rows, then the MoE rows
+    assert sorted(methods[4:-n]) == list_methods(data_aware=True)
     assert methods[-n:] == list(MOE_ROWS)
     for r in results["rows"]:
         assert r["status"] == "ok" or r["reason"]  # a skipped row says why
@@ -73,7 +74,13 @@ def test_second_run_reuses_cached_fine_tunes(quick_results, tmp_path):
         assert r["correct"] == first[r["method"]]["correct"]
         assert r["normalized_ci"] == first[r["method"]]["normalized_ci"]
     # references and the linear row come from the row cache
-    assert again["cache"]["reused_rows"] == ["base", "individual", "multitask", "ensemble", "linear"]
+    assert again["cache"]["reused_rows"] == [
+        "base",
+        "individual",
+        "multitask",
+        "ensemble",
+        "linear",
+    ]
 
 
 def test_seeds_repeat_the_bench_and_report_mean_and_std(bench_cache, tmp_path):

@@ -138,7 +138,7 @@ def _results() -> dict:
 def test_schema_v3_accepts_a_results_dict_and_rejects_missing_or_bad_new_fields():
     results = _results()
     report.validate(results)
-    assert report.SCHEMA_VERSION == "brickwork-bench/3"
+    assert report.SCHEMA_VERSION == "brickwork-bench/4"
     for field in ("n_train", "n_val", "n_test", "source", "source_version"):
         assert field in report.SCHEMA_DOC
 
@@ -174,7 +174,7 @@ def test_schema_v3_accepts_a_results_dict_and_rejects_missing_or_bad_new_fields(
                 },
             }  # fmt: skip
         ),
-        "expected 'brickwork-bench/3'": lambda r: r.update(schema="brickwork-bench/2"),
+        "expected 'brickwork-bench/4'": lambda r: r.update(schema="brickwork-bench/3"),
     }
     for match, change in cases.items():
         with pytest.raises(report.ResultsSchemaError, match=match):

@@ -97,7 +97,7 @@ def split_methods(
 
     if methods is None:
         return None, list(MOE_ROWS) if moe else []
-    merges = list_methods()
+    merges = list_methods(data_aware=True)
     for m in methods:
         if m not in MOE_ROWS and m not in merges:
             raise unknown_name("merge method or MoE row", m, [*merges, *MOE_ROWS])

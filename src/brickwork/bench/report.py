@@ -2,10 +2,10 @@
 (methods by normalized accuracy, 95 % intervals), ``params.png`` (normalized accuracy vs
 active parameters), a rich table, and the environment (package versions, hardware).
 
-``results.json`` schema (``"schema": "brickwork-bench/3"``)::
+``results.json`` schema (``"schema": "brickwork-bench/4"``)::
 
     {
-      "schema": "brickwork-bench/3",
+      "schema": "brickwork-bench/4",
       "suite": str, "quick": bool, "created": ISO-8601 str,
       "seed": int,                           # drew the splits (digits: and the base)
       "train_seed": int,                     # of training, merges and MoE rows (= seed
@@ -48,7 +48,14 @@ active parameters), a rich table, and the environment (package versions, hardwar
         "train_seconds": float | null,       # training time recorded when the model was trained
         "hyperparameters": {name: value},    # chosen on the validation split
         "validation": null | {"avg": float, "tried": [{"params": {...}, "val_avg": float}
-                                                      | {"params": {...}, "error": str}]}
+                                                      | {"params": {...}, "error": str}]},
+        "statistics": null | {               # data-aware merge rows: the statistics step
+          "kinds": [str],                    # "gram" | "fisher" ([] for AdaMerging)
+          "split": "train" | "val",          # whose inputs (val: AdaMerging, unlabelled)
+          "examples_per_model": int,
+          "seconds": float,                  # statistics (module-level methods: the whole
+          "peak_rss_mb": float | null,       # merge of the last combination tried) and the
+          "cached": bool}                    # resident memory it added at its peak
       }],
       "seeds": null | {                      # --seeds: the bench once per training seed,
         "values": [int],                     # same splits; the first is this file's
@@ -90,7 +97,7 @@ import torch
 
 from ..errors import BrickworkError
 
-SCHEMA_VERSION = "brickwork-bench/3"
+SCHEMA_VERSION = "brickwork-bench/4"
 SCHEMA_DOC = __doc__
 
 _TOP: dict[str, type | tuple[type, ...]] = {
@@ -109,6 +116,7 @@ _ROW: dict[str, tuple[type, ...]] = {
     "active_params": (int, type(None)), "latency_ms": (*_NUM, type(None)),
     "seconds": (*_NUM, type(None)), "train_seconds": (*_NUM, type(None)),
     "hyperparameters": (dict,), "validation": (dict, type(None)),
+    "statistics": (dict, type(None)),
 }  # fmt: skip
 _TASK: dict[str, tuple[type, ...]] = {
     "name": (str,), "description": (str,), "classes": (list,), "n_train": (int,),

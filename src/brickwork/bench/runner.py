@@ -93,6 +93,7 @@ def _row(
         "train_seconds": None,
         "hyperparameters": {},
         "validation": None,
+        "statistics": None,
     }
     row.update(kw)
     return row
@@ -324,9 +325,11 @@ def _run_bench(
 ) -> dict[str, Any]:
     """One training seed's results (validated and written by :func:`run_bench`)."""
     from .costs import Costs
+    from .data_rows import data_rows
     from .moe_rows import moe_rows, split_methods
 
     methods, moe_names = split_methods(methods, moe=moe)
+    methods, data_names = _split_data_aware(methods)
 
     t_start = time.perf_counter()
     bar = _progress_factory(console, progress)
@@ -409,6 +412,12 @@ def _run_bench(
         reused=reused,
         costs=costs,
     )
+    rows += data_rows(
+        s, task_list, ev, finetunes, data_names, seed=train_seed, progress=bar, row=_row,
+        row_key=lambda what: _row_key(s, task_list, trainer, what, seed=train_seed),
+        load_row=load_cached_row, save_row=save_row, reused=reused, enc_params=enc_params,
+        costs=costs,
+    )  # fmt: skip
     rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=train_seed, progress=bar,
                      costs=costs, reused=reused)  # fmt: skip
     _finish(rows, task_list, seed=seed)
@@ -430,6 +439,17 @@ def _run_bench(
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
     return results
+
+
+def _split_data_aware(methods: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """``(data-free methods or None for all of them, data-aware methods)``."""
+    from ..merge.registry import get_method, list_methods
+
+    if methods is None:
+        return None, [n for n in list_methods(data_aware=True) if get_method(n).needs_data]
+    names = [get_method(m).name for m in methods]
+    aware = [n for n in names if get_method(n).needs_data]
+    return [n for n in names if n not in aware], aware
 
 
 def _task_entry(t: Task) -> dict[str, Any]:

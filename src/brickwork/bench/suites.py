@@ -158,6 +158,13 @@ class Suite:
         """Per-example model inputs (e.g. token ids), computed once per split."""
         raise NotImplementedError
 
+    def model_batch(self, examples: Sequence[Any]) -> Any:
+        """``examples`` as one batch in the form the data-aware merges feed a module
+        (``module(**batch)`` for a dict, ``module(*batch)`` for a tuple, else
+        ``module(batch)``); default :meth:`collate`'s batch as one argument."""
+        batch = self.collate(examples)
+        return (batch,) if isinstance(batch, tuple) else batch
+
     def collate(self, examples: Sequence[Any]) -> Any:
         raise NotImplementedError
 
@@ -232,8 +239,17 @@ class BertTop(nn.Module):
         self.layer = nn.ModuleDict({str(i): bert.encoder.layer[i] for i in range(first, n)})
         self.config = bert.config
 
-    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h, mask = batch  # (batch, tokens, hidden), (batch, tokens)
+    def forward(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``batch = (hidden_states, attention_mask)``, or both as keywords (so the
+        statistics collector sees the mask and leaves padding tokens out)."""
+        h, mask = batch if batch is not None else (hidden_states, attention_mask)
+        # (batch, tokens, hidden), (batch, tokens)
         *lower, last = self.layer.values()
         if any(hasattr(m, "sequence_mask") for m in last.modules()):  # an MoE FFN (route)
             return _run_layers([*lower, last], h, mask, self.config)[:, 0]  # every token
@@ -399,6 +415,10 @@ class TextSuite(Suite):
             for j, i in enumerate(idx):
                 out[i] = h[j, : len(ids[i])].clone()
         return out
+
+    def model_batch(self, examples: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        h, mask = self.collate(examples)
+        return {"hidden_states": h, "attention_mask": mask}
 
     def collate(self, examples: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         n = max(e.shape[0] for e in examples)

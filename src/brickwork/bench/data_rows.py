@@ -1,0 +1,212 @@
+"""Bench rows of the data-aware merge methods (``regmean``, ``fisher``, ``regmean_plusplus``,
+``adamerging``): each fine-tune's statistics come from its own task's *training* inputs
+(never validation or test), AdaMerging adapts on the tasks' unlabelled *validation* inputs
+with the fine-tunes' heads fixed; hyperparameters are chosen on validation like every other
+merge row and test is read once. Each row records the statistics step: seconds, peak
+resident memory above the level before it, examples per model, and whether the
+statistics came from the cache (``$BRICKWORK_CACHE/statistics``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BrickworkError
+from .evaluate import MAX_COMBOS, Evaluator, grid, select_hyperparameters
+from .suites import Suite, Task
+from .train import full_state
+
+#: Calibration examples per fine-tune for the Gram matrices (RegMean, RegMean++): the
+#: text suite's last layer runs the [CLS] token only, one row per example, and its widest
+#: input (the FFN's, 1536) needs at least as many rows for a well-conditioned Gram matrix.
+GRAM_EXAMPLES = 2048
+#: Calibration examples per fine-tune for the diagonal Fisher (one backward pass each).
+FISHER_EXAMPLES = 256
+BATCH = 64
+
+
+class PeakRSS:
+    """Peak resident set size of this process while the block runs, sampled every 5 ms
+    from ``/proc/self/statm`` (Linux; elsewhere the peak is None), minus the size at the
+    start: what the block added."""
+
+    def __init__(self) -> None:
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self) -> PeakRSS:
+        self._start = self._rss()
+        self._max = self._start
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                r = self._rss()
+                if r is not None and self._max is not None:
+                    self._max = max(self._max, r)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        r = self._rss()
+        if self._start is not None and self._max is not None and r is not None:
+            self.peak_mb = round((max(self._max, r) - self._start) / 2**20, 1)
+
+
+def batches(suite: Suite, trainer: Any, task: Task, split: str, n: int) -> list[Any]:
+    """The first ``n`` examples of ``task``'s ``split`` (splits are in hash order: a seeded
+    sample) as model batches of :data:`BATCH`."""
+    ex = list(trainer.prepared(task, split)[:n])
+    return [suite.model_batch(ex[i : i + BATCH]) for i in range(0, len(ex), BATCH)]
+
+
+def data_rows(
+    suite: Suite,
+    tasks: list[Task],
+    ev: Evaluator,
+    finetunes: dict[str, tuple[dict[str, torch.Tensor], nn.Linear]],
+    names: Sequence[str],
+    *,
+    seed: int,
+    progress: Any,
+    row: Callable[..., dict[str, Any]],
+    row_key: Callable[[str], str],
+    load_row: Callable[[str], dict[str, Any] | None],
+    save_row: Callable[[str, dict[str, Any]], None],
+    reused: list[str],
+    enc_params: int,
+    costs: Any = None,
+) -> list[dict[str, Any]]:
+    """One row per data-aware method in ``names`` (see the module docstring)."""
+    from ..merge.api import merge_state_dicts
+    from ..merge.data_aware import run_module_level
+    from ..merge.registry import get_method
+    from ..stats import StatisticsSource, statistics_for
+
+    trainer = ev.trainer
+    base_full = suite.base_state()
+    keys = [k for k in base_full if suite.trainable(k)]
+    base = {k: base_full[k] for k in keys}
+    models = [{k: finetunes[t.name][0][k] for k in keys} for t in tasks]
+    heads = [finetunes[t.name][1] for t in tasks]
+    head_of = {t.name: h for t, h in zip(tasks, heads)}
+
+    def module(state: dict[str, torch.Tensor]) -> nn.Module:
+        enc = suite.new_encoder()
+        enc.load_state_dict(full_state(suite, state))
+        return enc.eval()
+
+    n_gram, n_fisher = (64, 32) if suite.quick else (GRAM_EXAMPLES, FISHER_EXAMPLES)
+
+    def module_level(m: Any) -> tuple[Callable[[dict[str, Any]], Any], dict[str, Any]]:
+        adapt = m.name == "adamerging"  # unlabelled validation inputs, the heads fixed
+        split, n = ("val", 10**9) if adapt else ("train", n_gram)
+        data = [batches(suite, trainer, t, split, n) for t in tasks]
+        encs, base_enc = [module(s) for s in models], module(base)
+        extra = {"heads": heads} if adapt else {}
+        info: dict[str, Any] = {
+            "kinds": list(m.statistics), "split": split, "cached": False,
+            "examples_per_model": min(len(trainer.prepared(t, split)) for t in tasks)
+            if adapt else n_gram,
+        }  # fmt: skip
+
+        def merge(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+            with PeakRSS() as rss:
+                s0 = time.perf_counter()
+                out, _ = run_module_level(
+                    m, encs, base=base_enc, data=data, parameters=params, seed=seed, **extra
+                )
+            info["seconds"] = round(time.perf_counter() - s0, 2)
+            info["peak_rss_mb"] = rss.peak_mb
+            st = out.state_dict()
+            return full_state(suite, {k: st[k] for k in keys})
+
+        return merge, info
+
+    def tensor_level(m: Any) -> tuple[Callable[[dict[str, Any]], Any], dict[str, Any]]:
+        n = n_fisher if "fisher" in m.statistics else n_gram
+        with PeakRSS() as rss:
+            s0 = time.perf_counter()
+            files = {}
+            for i, t in enumerate(tasks):
+                enc = module(models[i])
+                data = batches(suite, trainer, t, "train", n)
+                files[f"model{i}"] = {
+                    k: statistics_for(
+                        enc, data, k, model_hash=trainer.keys[f"finetune:{t.name}"],
+                        fisher_estimate="sampled", seed=seed, logits_fn=head_of[t.name],
+                        where=f"fine-tune {t.name}",
+                    )
+                    for k in m.statistics
+                }  # fmt: skip
+        source = StatisticsSource(files)
+        info = {
+            "kinds": list(m.statistics), "split": "train", "examples_per_model": n,
+            "seconds": round(time.perf_counter() - s0, 2), "peak_rss_mb": rss.peak_mb,
+            "cached": all(f.hit for fs in files.values() for f in fs.values()),
+        }  # fmt: skip
+
+        def merge(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+            merged = merge_state_dicts(
+                m.name, models, base=None if m.base == "none" else base,
+                parameters=params, seed=seed, statistics=source,
+            )  # fmt: skip
+            return full_state(suite, merged)
+
+        return merge, info
+
+    def score_val(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        return ev.accuracy(state, head_of, tasks, "val")
+
+    rows: list[dict[str, Any]] = []
+    with progress("data-aware merges", len(names)) as bar:
+        for name in names:
+            m = get_method(name)
+            key = row_key(f"merge:{name}")
+            cached = load_row(key)
+            if cached is not None:
+                rows.append(cached)
+                reused.append(name)
+            else:
+                t0 = time.perf_counter()
+                sel, err, info = None, None, None
+                try:
+                    merge, info = (module_level if m.level == "module" else tensor_level)(m)
+                    combos = grid(m.search_space, cap=2 if suite.quick else MAX_COMBOS)
+                    sel = select_hyperparameters(combos, merge, score_val, errors=(BrickworkError,))
+                except BrickworkError as e:
+                    err = str(e)
+                if sel is None or sel.params is None or sel.state is None:
+                    why = err if sel is None else sel.error
+                    rows.append(row(name, "merge", status="skipped", reason=why,
+                                    seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+                else:
+                    correct = ev.correct(sel.state, head_of, tasks, "test")  # the only test read
+                    rows.append(row(
+                        name, "merge", correct=correct, hyperparameters=sel.params,
+                        validation={"avg": round(sel.val_avg, 6), "tried": sel.tried},
+                        params=enc_params + sum(p.numel() for h in heads for p in h.parameters()),
+                        seconds=round(time.perf_counter() - t0, 2), statistics=info,
+                        **(costs.same(sel.state, head_of) if costs is not None else {}),
+                    ))  # fmt: skip
+                save_row(key, rows[-1])
+            if bar is not None:
+                bar.advance()
+    return rows
