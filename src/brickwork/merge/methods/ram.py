@@ -53,8 +53,8 @@ def ramplus_tl(
     """RAM with each model's unique changes scaled by λ_i = 1 + r · clamp(ρ_i, 0, α), where
     ρ_i = (entries model i shares with others) / (entries only it changes, clamped at
     ``epsilon``, which must be > 0 here: mergekit divides 0 by 0 and writes NaN), counted per
-    tensor ("tensor-local"). The scale is float32, so with a
-    bfloat16 compute dtype the sum is float32, as in mergekit."""
+    tensor ("tensor-local"). The scale is float32, so with a bfloat16 compute dtype the sum
+    is float32 (rounded to the output dtype when written), as in mergekit."""
     tau, changed, count, shared, unique = _contributions(tensors, base, epsilon)
     rho = (changed & shared).sum(dim=1) / (changed & unique).sum(dim=1).clamp(min=epsilon)
     scale = 1 + r * rho.clamp(min=0, max=alpha)  # (models,)
