@@ -59,7 +59,8 @@ def test_rows_references_and_fields(lm_run):
     rows = {r["method"]: r for r in results["rows"]}
     methods = [r["method"] for r in results["rows"]]
     assert methods[:2] == ["base", "individual"]
-    assert sorted(m for m in methods if rows[m]["kind"] == "merge") == list_methods()
+    merges = sorted(m for m in methods if rows[m]["kind"] == "merge")
+    assert merges == list_methods(data_aware=True)  # data-free and data-aware rows
     assert [m for m in methods if rows[m]["kind"] == "moe"] == [f"moe_{r}" for r in LM.MOE_ROUTERS]
     assert rows["individual"]["normalized"] == 1.0 and rows["base"]["normalized"] == 0.0
     assert rows["individual"]["normalized_ci"] == [1.0, 1.0]
@@ -74,6 +75,25 @@ def test_rows_references_and_fields(lm_run):
         if r["kind"] != "reference" and r["method"] != "linear":
             assert r["vs_linear"] in ("better", "worse", "tie")
     assert rows["moe_task"]["status"] == "ok" and rows["linear"]["status"] == "ok"
+
+
+def test_data_aware_rows_record_statistics_and_write_their_calibration(lm_run):
+    results, out, _ = lm_run
+    rows = {r["method"]: r for r in results["rows"]}
+    for name in ("regmean", "fisher", "regmean_plusplus", "adamerging"):
+        r = rows[name]
+        assert r["status"] == "ok", (name, r["reason"])
+        st = r["statistics"]
+        assert st["split"] == ("val" if name == "adamerging" else "train")
+        assert st["examples_per_model"] > 0 and st["seconds"] >= 0
+    assert rows["linear"]["statistics"] is None
+    # the recipe of a statistics row names calibration files that exist, so
+    # `brickwork merge recipes/regmean.yaml OUT` repeats the row
+    from safetensors.torch import load_file
+
+    for e in rows["regmean"]["recipe"]["models"]:
+        ids = load_file(str(out / "recipes" / e["data"]["path"]))["input_ids"]
+        assert ids.shape[0] == e["data"]["n_examples"] and ids.dtype == torch.int64
 
 
 def test_test_split_is_read_once_per_row_after_selection(lm_run):

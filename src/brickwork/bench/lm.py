@@ -45,6 +45,7 @@ from .lm_rows import (
     MOE_ROUTERS,
     Evaluator,
     advance,
+    data_rows,
     mean_losses,
     merge_rows,
     moe_rows,
@@ -142,6 +143,9 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     merges, routers = split_names(methods, moe=moe)
+    from .runner import _split_data_aware
+
+    merges, aware = _split_data_aware(merges)
     bar = _progress_factory(console, progress)
     cfg = LT.QUICK if quick else LT.FULL
     texts, skipped = LD.load_domains(domains, seed)
@@ -174,6 +178,8 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
     ref_val = (refs[0].pop("_val"), refs[1].pop("_val"))
     rows = refs + merge_rows(models, ev, ref_val, merges, seed=seed, quick=quick,
                              row_key=row_key, reused=reused, bar=bar)  # fmt: skip
+    rows += data_rows(models, ev, ref_val, aware, seed=seed, quick=quick, row_key=row_key,
+                      reused=reused, bar=bar)  # fmt: skip
     rows += moe_rows(models, ev, ref_val, routers, seed=seed, quick=quick, row_key=row_key,
                      reused=reused, bar=bar)  # fmt: skip
     boot = S.Bootstrap({d: len(x) for d, x in splits["test"].items()}, seed=seed)
@@ -205,6 +211,7 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }  # fmt: skip
     report.write_recipes(results, out)
+    _write_calibration(rows, models, splits["val"], out / "recipes" / "calibration")
     if routers:  # the files the MoE recipes' examples_file entries name
         write_examples(router_texts(models)[1], out / "recipes" / "router_text")
     report.validate(results)
@@ -247,6 +254,24 @@ def _reference_rows(models: Models, ev: Evaluator, row_key: Callable[[str], str]
                         _losses={d: v.tolist() for d, v in it.items()}, _val=mean_losses(iv)))  # fmt: skip
     save_row(key, {"rows": rows})
     return [dict(r) for r in rows]
+
+
+def _write_calibration(rows: list[dict[str, Any]], models: Models,
+                       val: dict[str, torch.Tensor], where: Path) -> None:  # fmt: skip
+    """The input ids the data-aware rows' recipes name: ``<domain>-<n>.safetensors`` (n
+    fine-tuning sequences) and ``<domain>-val.safetensors`` (AdaMerging's)."""
+    from safetensors.torch import save_file
+
+    from .lm_rows import calibration
+
+    names = {Path(e["data"]["path"]).name for r in rows if r["status"] == "ok" and r.get("recipe")
+             for e in r["recipe"].get("models", []) if "data" in e}  # fmt: skip
+    sizes = {n.rsplit("-", 1)[1].removesuffix(".safetensors") for n in names}
+    for size in sizes:
+        where.mkdir(parents=True, exist_ok=True)
+        xs = val if size == "val" else calibration(models, int(size))
+        for d, x in xs.items():
+            save_file({"input_ids": x.contiguous()}, str(where / f"{d}-{size}.safetensors"))
 
 
 def _export(models: Models, out: Path) -> dict[str, str]:

@@ -2,10 +2,10 @@
 ``active_params.png`` (score against active parameters), the recipes of every row, and a
 terminal table that fits the console.
 
-``results.json`` (``"schema": "brickwork-bench-lm/1"``) has the text bench's row structure::
+``results.json`` (``"schema": "brickwork-bench-lm/2"``) has the text bench's row structure::
 
     {
-      "schema": "brickwork-bench-lm/1", "suite": "lm", "metric": "perplexity",
+      "schema": "brickwork-bench-lm/2", "suite": "lm", "metric": "perplexity",
       "seed": int, "quick": bool, "created": ISO-8601 str,
       "tasks": [{"name": str, "description": str, "packages": {debian package: version},
                  "n_pretrain": int, "n_train": int (documents), "n_val": int, "n_test": int
@@ -31,7 +31,9 @@ terminal table that fits the console.
         "seconds": float | null, "train_seconds": float | null,
         "hyperparameters": {name: value},     # chosen on the validation split
         "validation": null | {"normalized": float, "tried": [{"params", "val_avg" | "error"}]},
-        "recipe": null | {...}                # the recipe written to recipes/<method>.yaml
+        "recipe": null | {...},               # the recipe written to recipes/<method>.yaml
+                                              # (data-aware: calibration/<domain>-<n>.safetensors)
+        "statistics": null | {...}            # data-aware rows: as in brickwork-bench/4
       }],
       "environment": {...}, "wall_seconds": float
     }
@@ -44,7 +46,7 @@ from typing import Any
 
 from .report import ResultsSchemaError, write_json_and_markdown
 
-SCHEMA_VERSION = "brickwork-bench-lm/1"
+SCHEMA_VERSION = "brickwork-bench-lm/2"
 SCHEMA_DOC = __doc__
 
 _TOP = ("schema", "suite", "metric", "seed", "quick", "created", "tasks", "skipped_tasks",
@@ -52,7 +54,8 @@ _TOP = ("schema", "suite", "metric", "seed", "quick", "created", "tasks", "skipp
         "wall_seconds")  # fmt: skip
 _ROW = ("method", "kind", "status", "reason", "per_task", "loss_per_task", "avg", "avg_ci",
         "normalized", "normalized_ci", "normalized_per_task", "vs_linear", "params",
-        "active_params", "seconds", "train_seconds", "hyperparameters", "validation", "recipe")  # fmt: skip
+        "active_params", "seconds", "train_seconds", "hyperparameters", "validation", "recipe",
+        "statistics")  # fmt: skip
 
 
 def validate(results: dict[str, Any]) -> None:

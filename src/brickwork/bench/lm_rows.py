@@ -75,7 +75,7 @@ def new_row(method: str, kind: str, **kw: Any) -> dict[str, Any]:
         "loss_per_task": {}, "avg": None, "avg_ci": None, "normalized": None,
         "normalized_ci": None, "normalized_per_task": {}, "vs_linear": None, "params": None,
         "active_params": None, "seconds": None, "train_seconds": None, "hyperparameters": {},
-        "validation": None, "recipe": None,
+        "validation": None, "recipe": None, "statistics": None,
     }  # fmt: skip
     row.update(kw)
     return row
@@ -157,6 +157,145 @@ def merge_rows(
                     seconds=round(time.perf_counter() - t0, 2),
                     recipe=_merge_recipe(name, sel.params, domains, needs_base=m.base != "none",
                                          seed=seed, root="../models"),
+                    _losses={d: v.tolist() for d, v in losses.items()},
+                ))  # fmt: skip
+            save_row(key, rows[-1])
+            advance(b)
+    return rows
+
+
+#: Calibration sequences per fine-tune (from its own fine-tuning documents) for the Gram
+#: matrices (RegMean, RegMean++) and the diagonal Fisher; batches of LM_BATCH.
+LM_GRAM_SEQS, LM_FISHER_SEQS, LM_BATCH = 64, 32, 8
+
+
+def calibration(models: Models, n: int) -> dict[str, torch.Tensor]:
+    """Per domain, ``n`` packed sequences of its fine-tuning documents (the data its
+    fine-tune was trained on; never val or test): ``(n, seq_len)`` token ids."""
+    from . import lm_data as LD
+
+    return {
+        d: torch.tensor(LD.sequences(models.tokenizer, t.buckets["finetune"], models.cfg.seq_len, n))
+        for d, t in models.texts.items()
+    }  # fmt: skip
+
+
+def _lm_batches(x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": x[s : s + LM_BATCH]} for s in range(0, len(x), LM_BATCH)]
+
+
+def data_rows(
+    models: Models,
+    ev: Evaluator,
+    ref_val: tuple[dict[str, float], dict[str, float]],
+    names: Sequence[str],
+    *,
+    seed: int,
+    quick: bool,
+    row_key: Callable[[str], str],
+    reused: list[str],
+    bar: Callable[[str, int], Any],
+) -> list[dict[str, Any]]:
+    """Rows of the data-aware merges: statistics of each fine-tune on its own fine-tuning
+    sequences, AdaMerging on the unlabelled validation sequences; each row's ``recipe``
+    names the calibration files (``recipes/calibration/<domain>-<n | val>.safetensors``, written
+    by :func:`brickwork.bench.lm_report.write_recipes`) so ``brickwork merge`` repeats it."""
+    from ..merge.api import merge_state_dicts
+    from ..merge.data_aware import run_module_level
+    from ..merge.registry import get_method
+    from ..stats import StatisticsSource, statistics_for
+    from .data_rows import PeakRSS
+    from .evaluate import MAX_COMBOS, grid, select_hyperparameters
+
+    domains = list(models.keys)
+    fts = [models.state(models.keys[d]) for d in domains]
+    base = models.state(models.base_key)
+    holder = models.load(models.base_key)
+    calib = {n: calibration(models, n) for n in {LM_GRAM_SEQS, LM_FISHER_SEQS}}
+
+    def score_val(state: dict[str, torch.Tensor]) -> dict[str, float]:
+        holder.load_state_dict(state)
+        return gain_kept(mean_losses(ev.losses(holder, "val")), *ref_val)
+
+    def module_level(m: Any) -> tuple[Callable[[dict[str, Any]], Any], dict[str, Any], int]:
+        adapt = m.name == "adamerging"
+        xs = ev.splits["val"] if adapt else calib[LM_GRAM_SEQS]
+        data = [_lm_batches(xs[d]) for d in domains]
+        encs = [models.load(models.keys[d]) for d in domains]
+        base_m = models.load(models.base_key)
+        info: dict[str, Any] = {"kinds": list(m.statistics), "split": "val" if adapt else "train",
+                                "examples_per_model": min(len(xs[d]) for d in domains),
+                                "cached": False}  # fmt: skip
+
+        def merge(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+            with PeakRSS() as rss:
+                s0 = time.perf_counter()
+                out, _ = run_module_level(m, encs, base=base_m, data=data, parameters=params,
+                                          seed=seed)  # fmt: skip
+            info["seconds"], info["peak_rss_mb"] = round(time.perf_counter() - s0, 2), rss.peak_mb
+            return {k: v.detach().clone() for k, v in out.state_dict().items()}
+
+        return merge, info, "val" if adapt else LM_GRAM_SEQS
+
+    def tensor_level(m: Any) -> tuple[Callable[[dict[str, Any]], Any], dict[str, Any], int]:
+        n = LM_FISHER_SEQS if "fisher" in m.statistics else LM_GRAM_SEQS
+        with PeakRSS() as rss:
+            s0 = time.perf_counter()
+            files = {
+                f"model{i}": {
+                    k: statistics_for(models.load(models.keys[d]), _lm_batches(calib[n][d]), k,
+                                      model_hash=models.keys[d], seed=seed, where=f"fine-tune {d}")
+                    for k in m.statistics
+                }
+                for i, d in enumerate(domains)
+            }  # fmt: skip
+        source = StatisticsSource(files)
+        info = {"kinds": list(m.statistics), "split": "train", "examples_per_model": n,
+                "seconds": round(time.perf_counter() - s0, 2), "peak_rss_mb": rss.peak_mb,
+                "cached": all(f.hit for fs in files.values() for f in fs.values())}  # fmt: skip
+
+        def merge(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return merge_state_dicts(m.name, fts, base=None if m.base == "none" else base,
+                                     parameters=params, seed=seed, statistics=source)  # fmt: skip
+
+        return merge, info, n
+
+    rows = []
+    with bar("data-aware merges", len(names)) as b:
+        for name in names:
+            key = row_key(f"merge:{name}")
+            if (cached := load_row(key)) is not None:
+                rows.append(cached)
+                reused.append(name)
+                advance(b)
+                continue
+            m, t0 = get_method(name), time.perf_counter()
+            sel, err = None, None
+            try:
+                merge, info, n = (module_level if m.level == "module" else tensor_level)(m)
+                combos = grid(m.search_space, cap=2 if quick else MAX_COMBOS)
+                sel = select_hyperparameters(combos, merge, score_val, errors=(BrickworkError,))
+            except BrickworkError as e:
+                err = str(e)
+            if sel is None or sel.params is None or sel.state is None:
+                rows.append(new_row(name, "merge", status="skipped",
+                                    reason=err if sel is None else sel.error,
+                                    seconds=round(time.perf_counter() - t0, 2)))  # fmt: skip
+            else:
+                holder.load_state_dict(sel.state)
+                losses = ev.losses(holder, "test")  # the only test read
+                recipe = _merge_recipe(name, sel.params, domains, needs_base=m.base != "none",
+                                       seed=seed, root="../models")  # fmt: skip
+                for e, d in zip(recipe["models"], domains):  # n: sequences, or "val"
+                    size = len(ev.splits["val"][d]) if n == "val" else n
+                    e["data"] = {"path": f"calibration/{d}-{n}.safetensors",
+                                 "n_examples": size, "batch_size": LM_BATCH}  # fmt: skip
+                rows.append(new_row(
+                    name, "merge", hyperparameters=sel.params,
+                    validation={"normalized": round(sel.val_avg, 6), "tried": sel.tried},
+                    params=sum(v.numel() for v in base.values()),
+                    active_params=sum(v.numel() for v in base.values()),
+                    seconds=round(time.perf_counter() - t0, 2), statistics=info, recipe=recipe,
                     _losses={d: v.tolist() for d, v in losses.items()},
                 ))  # fmt: skip
             save_row(key, rows[-1])
