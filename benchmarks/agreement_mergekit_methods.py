@@ -47,7 +47,7 @@ def _gen(*key: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(":".join(map(str, key)).encode()))
 
 
-def build_models(root: Path) -> dict[str, Path]:
+def build_models(root: Path, store: torch.dtype = torch.float32) -> dict[str, Path]:
     """A random base and three fine-tunes. Fine-tune j changes a random 60 % of the entries
     (so RAM sees entries changed by one, several or no models) by a low-rank part plus noise;
     some changes are below 1e-3 (nearswap's t, RAM's epsilon variants)."""
@@ -84,7 +84,8 @@ def build_models(root: Path) -> dict[str, Path]:
     for m, p in paths.items():
         p.mkdir(parents=True, exist_ok=True)
         cfg.save_pretrained(p)
-        save_file(models[m], str(p / "model.safetensors"), metadata={"format": "pt"})
+        sd = {k: v.to(store) for k, v in models[m].items()}
+        save_file(sd, str(p / "model.safetensors"), metadata={"format": "pt"})
     return paths
 
 
@@ -132,6 +133,12 @@ def recipes(p: dict[str, str]) -> dict[str, dict[str, Any]]:
             "base_model": p["base"],
             "models": models(*three),
             "parameters": {"select_topk": 0.3},
+        },
+        "sce_int8_mask": {
+            "merge_method": "sce",
+            "base_model": p["base"],
+            "models": models(*three),
+            "parameters": {"select_topk": 0.6, "int8_mask": True},
         },
         "nearswap": {
             "merge_method": "nearswap",
@@ -244,7 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / ".cache/brickwork/agreement-methods")
     ap.add_argument("--recipes", default="", help="comma-separated recipe names (default: all)")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument(
+        "--dtypes", default="float32,bfloat16",
+        help="recipe `dtype:` values; `none`: no dtype (each tool computes in the stored dtype)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--store", default="float32", choices=["float32", "bfloat16"],
+        help="dtype of the checkpoints",
+    )  # fmt: skip
     ap.add_argument("--brickwork", type=Path, default=Path(sys.executable).parent / "brickwork")
     ap.add_argument("--mergekit", type=Path, default=ROOT / ".venv-mergekit/bin/mergekit-yaml")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results")
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     CONFIG["vocab_size"] = args.vocab
     shutil.rmtree(args.workdir, ignore_errors=True)
-    paths = build_models(args.workdir / "models")
+    paths = build_models(args.workdir / "models", getattr(torch, args.store))
     all_recipes = recipes({k: str(v) for k, v in paths.items()})
     names = args.recipes.split(",") if args.recipes else list(all_recipes)
     base = load_file(str(paths["base"] / "model.safetensors"))
@@ -272,9 +286,11 @@ def main(argv: list[str] | None = None) -> None:
             work = args.workdir / "runs" / dtype / name
             work.mkdir(parents=True)
             rec = work / "recipe.yml"
-            recipe = {**all_recipes[name], "dtype": dtype}
-            if not args.no_out_dtype:
-                recipe["out_dtype"] = dtype
+            recipe = dict(all_recipes[name])
+            if dtype != "none":
+                recipe["dtype"] = dtype
+                if not args.no_out_dtype:
+                    recipe["out_dtype"] = dtype
             rec.write_text(yaml.safe_dump(recipe, sort_keys=False))
             bw, mk = work / "out-brickwork", work / "out-mergekit"
             t_bw = _run([str(args.brickwork), "merge", str(rec), str(bw), "-q"], work / "bw.log")
@@ -301,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "models": "random Llama, "
         + ", ".join(f"{k}={v}" for k, v in CONFIG.items() if k != "tie_word_embeddings")
-        + ", float32 safetensors; base + 3 fine-tunes",
+        + f", {args.store} safetensors; base + 3 fine-tunes",
         "out_dtype": not args.no_out_dtype,
         "recipes": {n: all_recipes[n] for n in names},
         "rows": rows,
