@@ -80,12 +80,12 @@ def statistics_for(
     info = {"model_hash": mh, "data_hash": dh, "options": options}
     if kind == "gram":
         grams = collect_gram(model, batches, where=where)
-        tensors = {n: g.sum.to(torch.float32) for n, g in grams.items()}
         info["tensors"] = {
             n: {"rows": g.rows, "input_axis": g.input_axis} for n, g in grams.items()
         }
         info["rows"] = max((g.rows for g in grams.values()), default=0)
         info["examples"] = _examples(batches)
+        tensors = _float32_releasing(grams)
     elif kind == "fisher":
         f = collect_fisher(
             model, batches, estimate=fisher_estimate, seed=seed, logits_fn=logits_fn, where=where
@@ -97,6 +97,16 @@ def statistics_for(
         raise ValueError(f"statistics kind {kind!r}; known: gram, fisher")
     save_atomic(path, tensors, info)
     return StatisticsFile(path, kind, info)
+
+
+def _float32_releasing(grams: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The float32 copies of the float64 accumulators, each accumulator dropped from
+    ``grams`` (emptied) as soon as it is converted: memory holds the float64 matrices plus
+    one float32 matrix, not both sets (for a 0.5B Llama 3.6 GB + 1.8 GB)."""
+    out = {}
+    for name in list(grams):
+        out[name] = grams.pop(name).sum.to(torch.float32)  # (in, in)
+    return out
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
