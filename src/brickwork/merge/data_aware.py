@@ -60,6 +60,14 @@ def _load(ck: Checkpoint, entry: ModelEntry, recipe_dir: Path | None) -> tuple[n
     return module, batches
 
 
+def _vocab_size(ck: Checkpoint) -> int | None:
+    """The vocabulary size in a model's config.json (top level or its text config), for
+    checking token ids without loading the model."""
+    cfg = ck.config or {}
+    vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return vocab if isinstance(vocab, int) else None
+
+
 def recipe_statistics(
     recipe: MergeRecipe,
     ckpts: dict[str, Checkpoint],
@@ -72,29 +80,39 @@ def recipe_statistics(
     import sys
     import time
 
+    from ..stats import cached_statistics
+    from ..stats.data import load_batches, load_hf_module, require_config
+
     m = get_method(recipe.method)
     files: dict[str, dict[str, Any]] = {}
     for e in _entries(recipe, m):
         ck = ckpts[e.model]
-        module, batches = _load(ck, e, recipe_dir)
+        where = f"model '{e.model}'"
+        if ck.path is None:
+            raise DataError(f"{where}: an in-memory state dict cannot be run on data.")
+        require_config(ck.path, where)
+        batches = load_batches(
+            e.data, model_dir=ck.model_dir, vocab_size=_vocab_size(ck), where=where,
+            recipe_dir=recipe_dir,
+        )  # fmt: skip
         files[e.model] = {}
+        module = None  # loaded on a cache miss only: a cached merge holds no model in memory
         for kind in m.statistics:
             t0 = time.perf_counter()
-            f = statistics_for(
-                module,
-                batches,
-                kind,
-                model_hash=ck.checksum(),
-                fisher_estimate=e.data.fisher_estimate,
-                seed=recipe.seed,
-                where=f"model '{e.model}'",
-            )
+            options = {"fisher_estimate": e.data.fisher_estimate, "seed": recipe.seed}
+            f = cached_statistics(batches, kind, model_hash=ck.checksum(), **options)
+            if f is None:
+                module = module if module is not None else load_hf_module(ck.path, where)
+                f = statistics_for(
+                    module, batches, kind, model_hash=ck.checksum(), where=where, **options
+                )
             if not f.names & set(ck.names):
+                loaded = "" if module is None else f" as {type(module).__name__}"
                 raise DataError(
                     f"model '{e.model}': none of the {len(f.names)} tensors the statistics "
                     f"cover (e.g. '{next(iter(sorted(f.names)), '')}') is in its checkpoint "
-                    f"(e.g. '{ck.names[0] if ck.names else ''}'); transformers loaded it as "
-                    f"{type(module).__name__}, whose names differ from the file's."
+                    f"(e.g. '{ck.names[0] if ck.names else ''}'); transformers loads it"
+                    f"{loaded} with names that differ from the file's."
                 )
             files[e.model][kind] = f
             if progress:

@@ -66,11 +66,7 @@ def statistics_for(
     from .collect import collect_fisher, collect_gram
 
     batches = list(batches)
-    options: dict[str, Any] = {"kind": kind}
-    if kind == "fisher":
-        options |= {"estimate": fisher_estimate, "seed": seed}
-        if logits_fn is not None:
-            options["logits_fn"] = getattr(logits_fn, "__qualname__", repr(logits_fn))
+    options = _options(kind, fisher_estimate, seed, logits_fn)
     mh = model_hash or module_hash(model)
     dh = data_hash(batches, options)
     path = cache_path(mh, dh, kind)
@@ -97,6 +93,36 @@ def statistics_for(
         raise ValueError(f"statistics kind {kind!r}; known: gram, fisher")
     save_atomic(path, tensors, info)
     return StatisticsFile(path, kind, info)
+
+
+def _options(
+    kind: str, fisher_estimate: str, seed: int, logits_fn: Callable[[Any], torch.Tensor] | None
+) -> dict[str, Any]:
+    """The collection options that key the cache (with the model and data hashes)."""
+    options: dict[str, Any] = {"kind": kind}
+    if kind == "fisher":
+        options |= {"estimate": fisher_estimate, "seed": seed}
+        if logits_fn is not None:
+            options["logits_fn"] = getattr(logits_fn, "__qualname__", repr(logits_fn))
+    return options
+
+
+def cached_statistics(
+    batches: Iterable[Any],
+    kind: str,
+    *,
+    model_hash: str,
+    fisher_estimate: str = "sampled",
+    seed: int = 0,
+    logits_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> StatisticsFile | None:
+    """The cached file :func:`statistics_for` would return for a model whose hash is
+    ``model_hash``, or ``None`` when it is not cached; needs no model, so a caller can load
+    one only on a miss."""
+    options = _options(kind, fisher_estimate, seed, logits_fn)
+    path = cache_path(model_hash, data_hash(list(batches), options), kind)
+    info = read_info(path)
+    return None if info is None else StatisticsFile(path, kind, info, hit=True)
 
 
 def _float32_releasing(grams: dict[str, Any]) -> dict[str, torch.Tensor]:

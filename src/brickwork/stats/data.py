@@ -182,13 +182,8 @@ def _read_tensors(path: Path, where: str) -> dict[str, torch.Tensor]:
     return columns
 
 
-def load_hf_module(path: Path, where: str) -> nn.Module:
-    """The Hugging Face model in directory ``path`` (its config's architecture), eval mode.
-
-    A plain safetensors file, or a directory without ``config.json``, cannot be run on data:
-    brickwork does not know which network its tensors belong to."""
-    import transformers
-
+def require_config(path: Path, where: str) -> Path:
+    """The directory of the Hugging Face model at ``path``; an error if it has no config.json."""
     model_dir = path if path.is_dir() else path.parent
     if not (model_dir / "config.json").is_file():
         raise DataError(
@@ -197,6 +192,17 @@ def load_hf_module(path: Path, where: str) -> nn.Module:
             "an architecture). Give a Hugging Face model directory (config.json + weights), "
             "or merge in Python with brickwork.merge_modules(method, modules, data=...)."
         )
+    return model_dir
+
+
+def load_hf_module(path: Path, where: str) -> nn.Module:
+    """The Hugging Face model in directory ``path`` (its config's architecture), eval mode.
+
+    A plain safetensors file, or a directory without ``config.json``, cannot be run on data:
+    brickwork does not know which network its tensors belong to."""
+    import transformers
+
+    model_dir = require_config(path, where)
     cfg = transformers.AutoConfig.from_pretrained(str(model_dir))
     archs = getattr(cfg, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
