@@ -189,3 +189,29 @@ def test_cli_refuses_seeds_for_the_lm_suite(tmp_path):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "--seeds" in r.output and "lm suite" in r.output
     assert not (tmp_path / "results.json").exists()
+
+
+def test_rows_computed_in_two_processes_equal_the_in_process_ones(quick_results, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """--jobs 2 computes the missing rows in worker processes (into the row cache): the
+    same rows as one process computes, and they are not reported as reused."""
+    import shutil
+
+    from brickwork.bench import run_bench
+
+    results, _ = quick_results
+    # a copy of the session cache without its rows: fine-tunes cached, every row missing
+    cache = tmp_path / "cache"
+    shutil.copytree(bench_root := __import__("os").environ["BRICKWORK_CACHE"], cache)
+    shutil.rmtree(cache / "bench" / "rows")
+    assert bench_root != str(cache)
+    monkeypatch.setenv("BRICKWORK_CACHE", str(cache))
+    names = ["linear", "ties", "fisher", "moe_task"]
+    again = run_bench("digits", out=tmp_path / "out", quick=True, methods=names, jobs=2,
+                      progress=False)  # fmt: skip
+    first = {r["method"]: r for r in results["rows"]}
+    for r in again["rows"]:
+        assert r["correct"] == first[r["method"]]["correct"], r["method"]
+        assert r["normalized_ci"] == first[r["method"]]["normalized_ci"], r["method"]
+    assert again["cache"]["reused_rows"] == []  # computed in this run (by workers)
+    assert len(list((cache / "bench" / "rows").glob("*.json"))) == 4 + len(names)

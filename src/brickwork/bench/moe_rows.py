@@ -416,6 +416,15 @@ class _Builder:
 # ----------------------------------------------------------------------------- rows
 
 
+def moe_row_key(suite: Suite, tasks: list[Task], trainer: Any, name: str, *, seed: int) -> str:
+    """The row-cache key of MoE row ``name``."""
+    from .runner import _row_key
+
+    return _row_key(suite, tasks, trainer, f"moe:{name}", seed=seed,
+                    moe=asdict(moe_config(suite.quick)),
+                    code_route=source_hash("merge", "bench", "checkpoint", "route"))  # fmt: skip
+
+
 def moe_rows(
     suite: Suite,
     tasks: list[Task],
@@ -430,7 +439,7 @@ def moe_rows(
     use_cache: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per name in ``names`` (of :data:`MOE_ROWS`), cached like merge rows."""
-    from .runner import _row, _row_key, load_cached_row
+    from .runner import _row, load_cached_row
 
     reused = [] if reused is None else reused
     cfg = moe_config(suite.quick)
@@ -439,8 +448,7 @@ def moe_rows(
     heads = sum(p.numel() for h in b.heads.values() for p in h.parameters())
     rows = []
     for name in [n for n in MOE_ROWS if n in names]:
-        key = _row_key(suite, tasks, ev.trainer, f"moe:{name}", seed=seed, moe=asdict(cfg),
-                       code_route=source_hash("merge", "bench", "checkpoint", "route"))  # fmt: skip
+        key = moe_row_key(suite, tasks, ev.trainer, name, seed=seed)
         cached = load_cached_row(key) if use_cache else None
         if cached is not None:
             rows.append(cached)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +348,9 @@ def _run_bench(
     probes = {t.name: trainer.probe(t) for t in task_list}
     finetunes = {t.name: trainer.finetune(t) for t in task_list}
     mt_enc, mt_heads = trainer.multitask(task_list)
+    spec = (s.name, s.quick, s.seed, [t.name for t in task_list], asdict(s.config), train_seed)
+    in_workers = prefill_rows(spec, s, trainer, methods, data_names, moe_names, jobs=jobs,
+                              progress=bar)  # fmt: skip
     ev = Evaluator(s, trainer)
     base = s.base_state()
     shared = s.shared_params()  # a frozen trunk every model shares: counted once
@@ -421,6 +426,7 @@ def _run_bench(
     rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=train_seed, progress=bar,
                      costs=costs, reused=reused)  # fmt: skip
     _finish(rows, task_list, seed=seed)
+    reused = [n for n in reused if n not in in_workers]  # computed in this run, by a worker
 
     results = {
         "schema": report.SCHEMA_VERSION,
@@ -439,6 +445,116 @@ def _run_bench(
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
     return results
+
+
+# ----------------------------------------------------------------------------- rows in processes
+
+#: Rows that take longest on the text suite (measured): submitted first.
+_SLOW_FIRST = ("moe:moe_train", "moe:moe_task", "data:regmean_plusplus", "data:adamerging",
+               "merge:breadcrumbs", "merge:wudi", "data:fisher", "moe:moefy_top4of8")  # fmt: skip
+_ROW_CONTEXT: dict[Any, dict[str, Any]] = {}
+
+
+def _context(spec: tuple[Any, ...]) -> dict[str, Any]:
+    """Suite, trainer (every probe, fine-tune and the multitask model read from the cache, so
+    its keys and therefore the row keys are the main process's), evaluator and costs."""
+    from .costs import Costs
+    from .suites import TrainConfig
+
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in _ROW_CONTEXT:
+        name, quick, seed, task_names, config, train_seed = spec
+        s = make_suite(name, quick=quick, seed=seed, tasks=task_names)
+        s.config = TrainConfig(**config)
+        trainer = Trainer(s, seed=train_seed)
+        for t in s.tasks:
+            trainer.probe(t)
+        finetunes = {t.name: trainer.finetune(t) for t in s.tasks}
+        trainer.multitask(s.tasks)
+        _ROW_CONTEXT[key] = {
+            "suite": s, "trainer": trainer, "finetunes": finetunes, "ev": Evaluator(s, trainer),
+            "costs": Costs(s, trainer, s.tasks, quick=quick), "seed": train_seed,
+        }  # fmt: skip
+    return _ROW_CONTEXT[key]
+
+
+def _row_job(spec: tuple[Any, ...], kind: str, name: str) -> str:
+    """Worker process: compute one row into the row cache (one torch thread)."""
+    from .data_rows import data_rows
+    from .moe_rows import moe_rows
+
+    torch.set_num_threads(1)
+    c = _context(spec)
+    s, trainer, tasks = c["suite"], c["trainer"], c["suite"].tasks
+    bar = _progress_factory(None, False)
+    common = dict(seed=c["seed"], progress=bar, costs=c["costs"])
+    if kind == "merge":
+        _merge_rows(s, tasks, c["ev"], c["finetunes"], [name], **common)
+    elif kind == "data":
+        data_rows(
+            s, tasks, c["ev"], c["finetunes"], [name], row=_row,
+            row_key=lambda what: _row_key(s, tasks, trainer, what, seed=c["seed"]),
+            load_row=load_cached_row, save_row=save_row, reused=[],
+            enc_params=s.shared_params() + sum(v.numel() for v in s.base_state().values()),
+            **common,
+        )  # fmt: skip
+    else:
+        moe_rows(s, tasks, c["ev"], c["finetunes"], [name], **common)
+    return name
+
+
+def prefill_rows(
+    spec: tuple[Any, ...],
+    s: Suite,
+    trainer: Trainer,
+    methods: list[str] | None,
+    data_names: list[str],
+    moe_names: list[str],
+    *,
+    jobs: int,
+    progress: Any,
+) -> set[str]:
+    """With ``jobs > 1``, compute the merge, data-aware and MoE rows missing from the row
+    cache in ``jobs`` processes of one torch thread (rows are independent once the
+    fine-tunes are cached; one process of one thread leaves the other cores idle); the
+    run then reads them from the cache in its usual order. ``trainer`` has read every
+    probe, fine-tune and the multitask model (its keys make the row keys). Returns the
+    rows computed."""
+    from ..merge.registry import list_methods
+    from .moe_rows import moe_row_key
+
+    if jobs <= 1:
+        return set()
+    tasks, seed = s.tasks, spec[-1]
+
+    todo: list[tuple[str, str]] = []
+    for name in list_methods() if methods is None else methods:
+        if load_cached_row(_row_key(s, tasks, trainer, f"merge:{name}", seed=seed)) is None:
+            todo.append(("merge", name))
+    for name in data_names:
+        if load_cached_row(_row_key(s, tasks, trainer, f"merge:{name}", seed=seed)) is None:
+            todo.append(("data", name))
+    for name in moe_names:
+        if load_cached_row(moe_row_key(s, tasks, trainer, name, seed=seed)) is None:
+            todo.append(("moe", name))
+    if len(todo) < 2:
+        return set()
+    rank = {k: i for i, k in enumerate(_SLOW_FIRST)}
+    todo.sort(key=lambda kn: rank.get(f"{kn[0]}:{kn[1]}", len(rank)))
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    n = min(jobs, len(todo))
+    done: set[str] = set()
+    with (
+        progress(f"rows in {n} processes", len(todo)) as b,
+        ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool,
+    ):
+        for f in as_completed([pool.submit(_row_job, spec, k, name) for k, name in todo]):
+            done.add(f.result())  # re-raises a worker's error here
+            if b is not None:
+                b.advance()
+    return done
 
 
 def _split_data_aware(methods: list[str] | None) -> tuple[list[str] | None, list[str]]:

@@ -18,17 +18,22 @@ how to batch the inputs.
     gloss_pos        4        WordNet gloss -> part of speech of its synset    1000 / 30 / 250    wordnet-base
     word_pos         4        WordNet lemma (first word of a synset) -> POS    1000 / 30 / 250    wordnet-base
     gcide_pos        5        GCIDE first definition -> n. a. v.t. v.i. adv.   1000 / 24 / 200    dict-gcide
-    gcide_etym       7        GCIDE headword -> first etymology language       500 / 15 / 143     dict-gcide
-                              (L. F. OE. Gr. AS. NL. OF.)
-    gcide_usage      3        GCIDE definition -> current, [Obs.] or [R.]      1000 / 40 / 334    dict-gcide
-    word_field       5        GCIDE headword -> subject of its senses          600 / 24 / 200     dict-gcide
-                              (Zool. Bot. Chem. Med. Anat.)
+    headword_pos     5        GCIDE one-word headword -> n. a. v.t. adv. n.pl. 500 / 15 / 200     dict-gcide
+    word_syllables   6        GCIDE headword -> syllables (1 ... 5, 6+), from  700 / 20 / 167     dict-gcide
+                              its marked spelling (Ab*ju"ra*to*ry: 5)
+    word_stress      4        GCIDE headword of 2+ syllables -> the syllable   1000 / 30 / 250    dict-gcide
+                              with the primary accent (1st ... 4th+)
     word_language    8        word -> the one spelling list that holds it      1500 / 15 / 125    wordnet-base (English),
                               (English + 7 languages)                                             wngerman wdutch wportuguese
                                                                                                   wpolish wfrench wspanish
                                                                                                   witalian
     verb_supersense  12       WordNet verb gloss -> lexicographer file         200 / 10 / 84      wordnet-base (opt-in)
     gcide_field      8        GCIDE definition -> subject label                400 / 15 / 125     dict-gcide (opt-in)
+    gcide_etym       7        GCIDE headword -> first etymology language       500 / 15 / 143     dict-gcide (opt-in)
+                              (L. F. OE. Gr. AS. NL. OF.)
+    gcide_usage      3        GCIDE definition -> current, [Obs.] or [R.]      1000 / 40 / 334    dict-gcide (opt-in)
+    word_field       5        GCIDE headword -> subject of its senses          600 / 24 / 200     dict-gcide (opt-in)
+                              (Zool. Bot. Chem. Med. Anat.)
     ===============  =======  ===============================================  =================  ==========================
 
     Measured (seed 0, 300 steps, test accuracy %, probe -> fine-tune): noun_supersense
