@@ -176,7 +176,7 @@ def compare(a_dir: Path, b_dir: Path, base: dict[str, torch.Tensor]) -> dict[str
     """Differences of brickwork's output ``a_dir`` from mergekit's ``b_dir``, and the share of
     brickwork's entries that differ from the base (so that agreement is not agreement on
     an output that equals its input)."""
-    a, b = load_file(str(a_dir / "model.safetensors")), _load_dir(b_dir)
+    a, b = _load_dir(a_dir), _load_dir(b_dir)
     if set(a) != set(b):
         return {"error": f"tensor names differ: {sorted(set(a) ^ set(b))[:5]}"}
     res: dict[str, Any] = {"tensors": len(a), "elements": 0, "differing": 0, "max_abs_diff": 0.0}
@@ -273,13 +273,27 @@ def main(argv: list[str] | None = None) -> None:
         "computed in)",
     )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument(
+        "--models", type=Path, default=None,
+        help="use DIR/base and DIR/ft1..ft3 instead of building tiny ones (e.g. "
+        "merge_vs_mergekit.py's .cache/brickwork/bench-merge/0.1b)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     CONFIG["vocab_size"] = args.vocab
     shutil.rmtree(args.workdir, ignore_errors=True)
-    paths = build_models(args.workdir / "models", getattr(torch, args.store))
+    if args.models is None:
+        paths = build_models(args.workdir / "models", getattr(torch, args.store))
+        described = (
+            "random Llama, "
+            + ", ".join(f"{k}={v}" for k, v in CONFIG.items() if k != "tie_word_embeddings")
+            + f", {args.store} safetensors; base + 3 fine-tunes"
+        )
+    else:
+        paths = {m: args.models / m for m in ("base", *FINETUNES)}
+        described = f"{args.models} (base, ft1, ft2, ft3)"
     all_recipes = recipes({k: str(v) for k, v in paths.items()})
     names = args.recipes.split(",") if args.recipes else list(all_recipes)
-    base = load_file(str(paths["base"] / "model.safetensors"))
+    base = _load_dir(paths["base"])
     rows = []
     for dtype in args.dtypes.split(","):
         for name in names:
@@ -315,17 +329,15 @@ def main(argv: list[str] | None = None) -> None:
         "mergekit": mk_version,
         "brickwork": version_string(),
         "torch": torch.__version__,
-        "models": "random Llama, "
-        + ", ".join(f"{k}={v}" for k, v in CONFIG.items() if k != "tie_word_embeddings")
-        + f", {args.store} safetensors; base + 3 fine-tunes",
+        "models": described,
         "out_dtype": not args.no_out_dtype,
         "recipes": {n: all_recipes[n] for n in names},
         "rows": rows,
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / ("agreement_mergekit_methods" + (f"_{args.tag}" if args.tag else ""))
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.parent.joinpath(stem.name + ".md").write_text(markdown(result))
     print(f"wrote {stem}.json and .md")
 
 
