@@ -62,3 +62,17 @@ def test_a_data_aware_row_that_cannot_run_says_why(aware):
     reg = next(r for r in res["rows"] if r["method"] == "regmean")
     # quick digits: 64 calibration rows for a 784-wide input: a clear skip, not a crash
     assert reg["status"] == "skipped" and "784" in reg["reason"] and "rows" in reg["reason"]
+
+
+def test_peak_rss_sees_memory_freed_before_the_block_ends():
+    import torch
+
+    with DR.PeakRSS() as r:
+        x = torch.ones(25_000_000)  # 100 MB, touched
+        del x
+    if r.peak_mb is None:
+        pytest.skip("no /proc/self/status on this system")
+    assert r.peak_mb >= r.start_mb + 90
+    with DR.PeakRSS() as quiet:
+        pass
+    assert quiet.peak_mb < quiet.start_mb + 50  # the high-water mark was reset on entry

@@ -2,13 +2,12 @@
 ``adamerging``): each fine-tune's statistics come from its own task's *training* inputs
 (never validation or test), AdaMerging adapts on the tasks' unlabelled *validation* inputs
 with the fine-tunes' heads fixed; hyperparameters are chosen on validation like every other
-merge row and test is read once. Each row records the statistics step: seconds, peak
-resident memory above the level before it, examples per model, and whether the
-statistics came from the cache (``$BRICKWORK_CACHE/statistics``)."""
+merge row and test is read once. Each row records the statistics step: seconds, the
+process's peak resident memory during it and before it, examples per model, and whether
+the statistics came from the cache (``$BRICKWORK_CACHE/statistics``)."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,42 +31,59 @@ BATCH = 64
 
 
 class PeakRSS:
-    """Peak resident set size of this process while the block runs, sampled every 5 ms
-    from ``/proc/self/statm`` (Linux; elsewhere the peak is None), minus the size at the
-    start: what the block added."""
+    """Peak resident set size of this process while the block runs (``peak_mb``) and at
+    its start (``start_mb``). On Linux the kernel's high-water mark is reset on entry
+    (``5`` written to ``/proc/self/clear_refs``) and read on exit (``VmHWM``), so the peak
+    is exact; where that is not possible, RSS is sampled every 5 ms instead."""
 
     def __init__(self) -> None:
         self.peak_mb: float | None = None
+        self.start_mb: float | None = None
         self._stop = threading.Event()
 
     @staticmethod
-    def _rss() -> int | None:
+    def _status(field: str) -> int | None:
         try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
-            return None
+            pass
+        return None
 
     def __enter__(self) -> PeakRSS:
-        self._start = self._rss()
+        self._start = self._status("VmRSS")
+        self._exact = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._exact = True
+        except OSError:
+            pass
         self._max = self._start
 
         def sample() -> None:
             while not self._stop.wait(0.005):
-                r = self._rss()
+                r = self._status("VmRSS")
                 if r is not None and self._max is not None:
                     self._max = max(self._max, r)
 
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not self._exact:
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
-        r = self._rss()
-        if self._start is not None and self._max is not None and r is not None:
-            self.peak_mb = round((max(self._max, r) - self._start) / 2**20, 1)
+        if self._thread is not None:
+            self._thread.join()
+        peak = self._status("VmHWM") if self._exact else self._max
+        if self._start is not None:
+            self.start_mb = round(self._start / 2**20, 1)
+        if peak is not None:
+            self.peak_mb = round(peak / 2**20, 1)
 
 
 def batches(suite: Suite, trainer: Any, task: Task, split: str, n: int) -> list[Any]:
@@ -134,7 +150,7 @@ def data_rows(
                     m, encs, base=base_enc, data=data, parameters=params, seed=seed, **extra
                 )
             info["seconds"] = round(time.perf_counter() - s0, 2)
-            info["peak_rss_mb"] = rss.peak_mb
+            info["peak_rss_mb"], info["rss_before_mb"] = rss.peak_mb, rss.start_mb
             st = out.state_dict()
             return full_state(suite, {k: st[k] for k in keys})
 
@@ -160,6 +176,7 @@ def data_rows(
         info = {
             "kinds": list(m.statistics), "split": "train", "examples_per_model": n,
             "seconds": round(time.perf_counter() - s0, 2), "peak_rss_mb": rss.peak_mb,
+            "rss_before_mb": rss.start_mb,
             "cached": all(f.hit for fs in files.values() for f in fs.values()),
         }  # fmt: skip
 

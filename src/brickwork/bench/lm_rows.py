@@ -233,6 +233,7 @@ def data_rows(
                 out, _ = run_module_level(m, encs, base=base_m, data=data, parameters=params,
                                           seed=seed)  # fmt: skip
             info["seconds"], info["peak_rss_mb"] = round(time.perf_counter() - s0, 2), rss.peak_mb
+            info["rss_before_mb"] = rss.start_mb
             return {k: v.detach().clone() for k, v in out.state_dict().items()}
 
         return merge, info, "val" if adapt else LM_GRAM_SEQS
@@ -252,6 +253,7 @@ def data_rows(
         source = StatisticsSource(files)
         info = {"kinds": list(m.statistics), "split": "train", "examples_per_model": n,
                 "seconds": round(time.perf_counter() - s0, 2), "peak_rss_mb": rss.peak_mb,
+                "rss_before_mb": rss.start_mb,
                 "cached": all(f.hit for fs in files.values() for f in fs.values())}  # fmt: skip
 
         def merge(params: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -54,8 +54,10 @@ active parameters), a rich table, and the environment (package versions, hardwar
           "split": "train" | "val",          # whose inputs (val: AdaMerging, unlabelled)
           "examples_per_model": int,
           "seconds": float,                  # statistics (module-level methods: the whole
-          "peak_rss_mb": float | null,       # merge of the last combination tried) and the
-          "cached": bool}                    # resident memory it added at its peak
+                                             # merge of the last combination tried)
+          "peak_rss_mb": float | null,       # the process's peak resident memory during it
+          "rss_before_mb": float | null,     # and its resident memory before it
+          "cached": bool}
       }],
       "seeds": null | {                      # --seeds: the bench once per training seed,
         "values": [int],                     # same splits; the first is this file's
