@@ -28,6 +28,13 @@ GRAM_EXAMPLES = 2048
 #: Calibration examples per fine-tune for the diagonal Fisher (one backward pass each).
 FISHER_EXAMPLES = 256
 BATCH = 64
+#: AdaMerging on the bench: batches of 16 unlabelled inputs per task and step (the paper's
+#: batch size) and 200 Adam steps at the paper's lr 1e-3, where the paper runs 500 (CPU
+#: time: 200 steps of eight tasks take about 3 minutes on one core). Measured on the text
+#: suite (seed 0, layer-wise): lr 1e-3 keeps 83.4 % normalized, lr 1e-2 74.8 % (the
+#: entropy collapses to 0.15 and the merge with it).
+ADAMERGING = {"steps": 200, "lr": 1e-3}
+ADA_BATCH = 16
 
 
 class PeakRSS:
@@ -86,11 +93,13 @@ class PeakRSS:
             self.peak_mb = round(peak / 2**20, 1)
 
 
-def batches(suite: Suite, trainer: Any, task: Task, split: str, n: int) -> list[Any]:
+def batches(
+    suite: Suite, trainer: Any, task: Task, split: str, n: int, size: int = BATCH
+) -> list[Any]:
     """The first ``n`` examples of ``task``'s ``split`` (splits are in hash order: a seeded
-    sample) as model batches of :data:`BATCH`."""
+    sample) as model batches of ``size``."""
     ex = list(trainer.prepared(task, split)[:n])
-    return [suite.model_batch(ex[i : i + BATCH]) for i in range(0, len(ex), BATCH)]
+    return [suite.model_batch(ex[i : i + size]) for i in range(0, len(ex), size)]
 
 
 def data_rows(
@@ -133,8 +142,8 @@ def data_rows(
 
     def module_level(m: Any) -> tuple[Callable[[dict[str, Any]], Any], dict[str, Any]]:
         adapt = m.name == "adamerging"  # unlabelled validation inputs, the heads fixed
-        split, n = ("val", 10**9) if adapt else ("train", n_gram)
-        data = [batches(suite, trainer, t, split, n) for t in tasks]
+        split, n, size = ("val", 10**9, ADA_BATCH) if adapt else ("train", n_gram, BATCH)
+        data = [batches(suite, trainer, t, split, n, size) for t in tasks]
         encs, base_enc = [module(s) for s in models], module(base)
         extra = {"heads": heads} if adapt else {}
         info: dict[str, Any] = {
@@ -207,6 +216,10 @@ def data_rows(
                 try:
                     merge, info = (module_level if m.level == "module" else tensor_level)(m)
                     combos = grid(m.search_space, cap=2 if suite.quick else MAX_COMBOS)
+                    if name == "adamerging":
+                        combos = [{**c, **ADAMERGING} for c in combos]
+                        if suite.quick:
+                            combos = [{**c, "steps": 10} for c in combos]
                     sel = select_hyperparameters(combos, merge, score_val, errors=(BrickworkError,))
                 except BrickworkError as e:
                     err = str(e)
