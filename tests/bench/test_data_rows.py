@@ -19,9 +19,9 @@ def aware(bench_cache, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     real_batches, real_correct = DR.batches, Evaluator.correct
 
-    def batches(suite, trainer, task, split, n):
+    def batches(suite, trainer, task, split, n, *size):
         used.append((task.name, split))
-        return real_batches(suite, trainer, task, split, n)
+        return real_batches(suite, trainer, task, split, n, *size)
 
     def correct(self, state, heads, tasks, split):
         calls.append((split, tuple(t.name for t in tasks)))
