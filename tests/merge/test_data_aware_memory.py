@@ -5,6 +5,7 @@ load the models."""
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -101,3 +102,48 @@ def test_a_merge_with_cached_statistics_loads_no_model(tmp_path, monkeypatch, ll
     )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+@pytest.mark.parametrize("singular", [False, True])
+def test_regmean_in_column_blocks_is_the_closed_form(axis, singular):
+    """regmean_merge fills and solves B = Σ G̃_i W_iᵀ a few output columns at a time; any block
+    size gives (Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ written out plainly, the statistics untouched."""
+    from brickwork.merge.methods.regmean import regmean_merge
+    from brickwork.stats.store import TensorStatistics
+
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out, alpha = 5, 7, 0.8
+    weights = [torch.randn(n_out, n_in, generator=g, dtype=torch.float64) for _ in range(3)]
+    xs = [
+        torch.randn(1 if singular else 9, n_in, generator=g, dtype=torch.float64) for _ in weights
+    ]
+    grams = [x.T @ x for x in xs]  # (in, in); Σ of rank 3 < 5 when singular
+    alpha = 1.0 if singular else alpha
+    scaled = [alpha * gm + (1 - alpha) * torch.diag(torch.diag(gm)) for gm in grams]
+    a = sum(s / x.shape[0] for s, x in zip(scaled, xs))
+    rhs = sum(s / x.shape[0] @ w.T for s, x, w in zip(scaled, xs, weights))  # (in, out)
+    layout = [w if axis == 1 else w.T.contiguous() for w in weights]
+    stats = [
+        TensorStatistics(gram=gm.clone(), rows=x.shape[0], input_axis=axis)
+        for gm, x in zip(grams, xs)
+    ]
+    outs = []
+    for block in (1, 3, 7, 4096):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = regmean_merge(layout, stats, alpha=alpha, gram="mean", check=False, block=block)
+        outs.append(out)
+        assert bool(caught) == singular  # the ridge is warned about once per tensor
+    for st, gm in zip(stats, grams):
+        assert torch.equal(st.gram, gm)  # scaled in a copy
+    if not singular:
+        expected = torch.linalg.solve(a, rhs)  # (in, out)
+        expected = expected.T if axis == 1 else expected
+        torch.testing.assert_close(outs[0], expected, rtol=1e-10, atol=1e-10)
+    # singular: a ridge of 1e-10 × the mean diagonal leaves a condition number near 1e10,
+    # which magnifies the last-bit differences of the blocked sums
+    tol = 1e-3 * float(outs[0].abs().max()) if singular else 1e-12
+    for out in outs[1:]:
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=tol)

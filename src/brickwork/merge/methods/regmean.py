@@ -43,23 +43,31 @@ def scale_off_diagonal(g: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * g + (1 - alpha) * torch.diag_embed(torch.diagonal(g))
 
 
-def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``a⁻¹ b`` for a symmetric positive semi-definite ``a`` (float64); returns the ridge
-    ``λ`` that was added to ``a``'s diagonal (0 when none was needed)."""
+def cholesky_with_ridge(a: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The Cholesky factor of a symmetric positive semi-definite ``a`` (float64), with the
+    smallest ridge ``λ`` (from 1e-10 × its mean diagonal up) that makes ``a + λ I`` positive
+    definite; returns ``(factor, λ)``, ``λ = 0`` when none was needed."""
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
-        return torch.cholesky_solve(b, chol), 0.0
+        return chol, 0.0
     scale = float(torch.diagonal(a).abs().mean()) or 1.0
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for k in range(10, -3, -1):
         ridge = scale * 10.0**-k
         chol, info = torch.linalg.cholesky_ex(a + ridge * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(b, chol), ridge
+            return chol, ridge
     raise MergeComputationError(
         "the summed Gram matrix is not positive semi-definite even with a ridge of 100 × its "
         "mean diagonal (non-finite statistics?); recompute the statistics."
     )
+
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``a⁻¹ b`` for a symmetric positive semi-definite ``a`` (float64); returns the ridge
+    ``λ`` that was added to ``a``'s diagonal (0 when none was needed)."""
+    chol, ridge = cholesky_with_ridge(a)
+    return torch.cholesky_solve(b, chol), ridge
 
 
 def check_rows(stats: list[TensorStatistics], width: int) -> None:
@@ -77,6 +85,11 @@ def check_rows(stats: list[TensorStatistics], width: int) -> None:
             )
 
 
+#: Output columns solved at a time: the float64 temporaries of a (32000, 1024) LM head are
+#: then (in, 4096) blocks instead of four (in, out) matrices of 262 MB each.
+BLOCK = 4096
+
+
 def regmean_merge(
     tensors: list[torch.Tensor],
     stats: list[TensorStatistics],
@@ -85,8 +98,13 @@ def regmean_merge(
     gram: str,
     check: bool = True,
     where: str = "",
+    block: int = BLOCK,
 ) -> torch.Tensor:
-    """The RegMean closed form for one linear weight (see the module docstring)."""
+    """The RegMean closed form for one linear weight (see the module docstring).
+
+    Memory: ``Σ G̃_i`` and ``B = Σ G̃_i W_iᵀ`` in float64, filled and solved ``block`` output
+    columns at a time (one Cholesky factor for all blocks), beside one model's ``G̃_i``; the
+    float64 copies of the weights and the products are never formed whole."""
     axis = stats[0].input_axis
     if any(st.input_axis != axis for st in stats) or tensors[0].dim() != 2:
         raise MergeComputationError(
@@ -94,18 +112,26 @@ def regmean_merge(
         )
     if check:
         check_rows(stats, tensors[0].shape[axis])
-    a = None
-    b = None
+    n_in, n_out = tensors[0].shape[axis], tensors[0].shape[1 - axis]
+    dev = tensors[0].device
+    a = torch.zeros(n_in, n_in, dtype=torch.float64, device=dev)  # Σ G̃_i, (in, in)
+    b = torch.zeros(n_in, n_out, dtype=torch.float64, device=dev)  # Σ G̃_i W_iᵀ, (in, out)
     for w, st in zip(tensors, stats):
-        g = st.gram.to(torch.float64)  # (in, in)
+        g = st.gram.to(torch.float64, copy=True)  # (in, in); a copy: scaled in place
         if gram == "mean":
-            g = g / st.rows
-        g = scale_off_diagonal(g, alpha)
-        wt = w.to(torch.float64)
-        wt = wt.T if axis == 1 else wt  # (in, out)
-        a = g if a is None else a + g
-        b = g @ wt if b is None else b + g @ wt
-    merged, ridge = solve_spd(a, b)  # (in, out)
+            g /= st.rows
+        diag = torch.diagonal(g).clone()
+        g.mul_(alpha)
+        torch.diagonal(g).copy_(diag)  # G̃ = α G + (1 − α) diag(G)
+        a += g
+        wt = w.T if axis == 1 else w  # (in, out), a view
+        for s in range(0, n_out, block):
+            b[:, s : s + block].addmm_(g, wt[:, s : s + block].to(torch.float64))
+        del g
+    chol, ridge = cholesky_with_ridge(a)
+    del a
+    for s in range(0, n_out, block):
+        b[:, s : s + block] = torch.cholesky_solve(b[:, s : s + block], chol)  # (in, block)
     if ridge:
         warnings.warn(
             RegularizedWarning(
@@ -114,7 +140,7 @@ def regmean_merge(
             ),
             stacklevel=2,
         )
-    out = merged.T if axis == 1 else merged
+    out = b.T if axis == 1 else b
     return out.to(tensors[0].dtype)
 
 
@@ -122,7 +148,8 @@ def mean_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     acc = torch.zeros(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     for t in tensors:
         acc += t
-    return (acc / len(tensors)).to(tensors[0].dtype)
+    acc /= len(tensors)  # in place: no second float64 copy of an embedding matrix
+    return acc.to(tensors[0].dtype)
 
 
 @merge_method(
