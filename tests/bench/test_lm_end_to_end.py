@@ -184,3 +184,25 @@ def test_every_merge_recipe_names_its_method_and_models(lm_run):
             assert [m["model"] for m in rec["models"]] == [
                 f"../models/{t['name']}" for t in results["tasks"]
             ]
+
+
+def test_rows_computed_in_two_processes_equal_the_in_process_ones(lm_run, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    import os
+    import shutil
+
+    results, _, _ = lm_run
+    cache = tmp_path / "cache"
+    shutil.copytree(os.environ["BRICKWORK_CACHE"], cache)
+    for p in (cache / "bench" / "rows").glob("*.json"):
+        if '"method": "individual"' not in p.read_text():
+            p.unlink()  # every row but the references (base, individual): workers recompute
+    monkeypatch.setenv("BRICKWORK_CACHE", str(cache))
+    names = ["linear", "ties", "regmean", "moe_random"]
+    again = LM.run_lm_bench(out=tmp_path / "out", quick=True, seed=0, progress=False,
+                            methods=names, jobs=2)  # fmt: skip
+    first = {r["method"]: r for r in results["rows"]}
+    for r in again["rows"]:
+        assert r["per_task"] == first[r["method"]]["per_task"], r["method"]
+        assert r["normalized_ci"] == first[r["method"]]["normalized_ci"], r["method"]
+    assert set(again["cache"]["reused_rows"]) == {"base", "individual"}  # the rest: workers

@@ -160,22 +160,12 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
     models = Models(cfg, texts, seed)
     models.prepare(jobs=jobs, bar=bar)
     tok = models.tokenizer
-    splits = {
-        split: {d: torch.tensor(LD.sequences(tok, t.buckets[split], cfg.seq_len, n))
-                for d, t in texts.items()}
-        for split, n in (("val", cfg.val_seqs), ("test", cfg.test_seqs))
-    }  # fmt: skip
-    ev = Evaluator(splits)
-    code = _code_hash()
-    data_fp = [(d, t.fingerprint()) for d, t in texts.items()]
-
-    def row_key(what: str) -> str:
-        return LT.model_key(f"row:{what}", base=models.base_key, models=models.keys,
-                            data=data_fp, cfg=asdict(cfg), seed=seed, code=code)  # fmt: skip
-
+    splits, ev, row_key = _context_parts(models, texts, cfg, seed)
     reused: list[str] = []
     refs = _reference_rows(models, ev, row_key, reused, bar)
     ref_val = (refs[0].pop("_val"), refs[1].pop("_val"))
+    spec = (quick, list(texts), seed)
+    in_workers = _prefill(spec, row_key, merges, aware, routers, jobs=jobs, bar=bar)
     rows = refs + merge_rows(models, ev, ref_val, merges, seed=seed, quick=quick,
                              row_key=row_key, reused=reused, bar=bar)  # fmt: skip
     rows += data_rows(models, ev, ref_val, aware, seed=seed, quick=quick, row_key=row_key,
@@ -184,6 +174,7 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
                      reused=reused, bar=bar)  # fmt: skip
     boot = S.Bootstrap({d: len(x) for d, x in splits["test"].items()}, seed=seed)
     score_rows(rows, boot)
+    reused[:] = [n for n in reused if n not in in_workers]  # computed by a worker, this run
 
     out = Path(out) if out is not None else Path("bench-results") / f"lm-{_dt.date.today()}"
     model_dirs = _export(models, out)
@@ -220,6 +211,93 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
     console.print(f"results written to {out}/ (wall time {results['wall_seconds']:.0f} s)",
                   markup=False)  # fmt: skip
     return results
+
+
+def _context_parts(models: Models, texts: Any, cfg: Any, seed: int) -> tuple[Any, Any, Any]:
+    """(val/test token splits, evaluator, row-cache key function) of prepared ``models``."""
+    tok = models.tokenizer
+    splits = {
+        split: {d: torch.tensor(LD.sequences(tok, t.buckets[split], cfg.seq_len, n))
+                for d, t in texts.items()}
+        for split, n in (("val", cfg.val_seqs), ("test", cfg.test_seqs))
+    }  # fmt: skip
+    code = _code_hash()
+    data_fp = [(d, t.fingerprint()) for d, t in texts.items()]
+
+    def row_key(what: str) -> str:
+        return LT.model_key(f"row:{what}", base=models.base_key, models=models.keys,
+                            data=data_fp, cfg=asdict(cfg), seed=seed, code=code)  # fmt: skip
+
+    return splits, Evaluator(splits), row_key
+
+
+_CONTEXT: dict[Any, dict[str, Any]] = {}
+
+
+def _row_job(spec: tuple[Any, ...], kind: str, name: str) -> str:
+    """Worker process: one merge, data-aware or MoE row into the row cache (1 thread)."""
+    from transformers.utils import logging as hf_logging
+
+    from .runner import _progress_factory
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    quick, domains, seed = spec
+    key = repr(spec)
+    if key not in _CONTEXT:
+        cfg = LT.QUICK if quick else LT.FULL
+        texts, _ = LD.load_domains(domains, seed)
+        models = Models(cfg, texts, seed)
+        bar = _progress_factory(None, False)
+        models.prepare(jobs=1, bar=bar)
+        _, ev, row_key = _context_parts(models, texts, cfg, seed)
+        refs = _reference_rows(models, ev, row_key, [], bar)  # from the row cache
+        ref_val = (refs[0]["_val"], refs[1]["_val"])
+        _CONTEXT[key] = dict(models=models, ev=ev, row_key=row_key, ref_val=ref_val, bar=bar)
+    c = _CONTEXT[key]
+    fn = {"merge": merge_rows, "data": data_rows, "moe": moe_rows}[kind]
+    fn(c["models"], c["ev"], c["ref_val"], [name], seed=seed, quick=quick,
+       row_key=c["row_key"], reused=[], bar=c["bar"])  # fmt: skip
+    return name
+
+
+#: The slowest rows first (measured on the LM suite).
+_SLOW_FIRST = ("data:regmean_plusplus", "data:adamerging", "data:fisher", "moe:train",
+               "merge:wudi", "moe:task")  # fmt: skip
+
+
+def _prefill(spec: tuple[Any, ...], row_key: Callable[[str], str], merges: list[str] | None,
+             aware: list[str], routers: list[str], *, jobs: int,
+             bar: Callable[[str, int], Any]) -> set[str]:  # fmt: skip
+    """With ``jobs > 1``, the rows missing from the row cache are computed in ``jobs``
+    worker processes of one torch thread (the run then reads them from the cache in its
+    usual order); returns their names (``moe_<router>`` for MoE rows)."""
+    from ..merge.registry import list_methods
+
+    if jobs <= 1:
+        return set()
+    todo = [("merge", n) for n in (list_methods() if merges is None else merges)]
+    todo += [("data", n) for n in aware] + [("moe", r) for r in routers]
+    todo = [(k, n) for k, n in todo
+            if load_row(row_key(f"{'moe' if k == 'moe' else 'merge'}:{n}")) is None]  # fmt: skip
+    if len(todo) < 2:
+        return set()
+    rank = {k: i for i, k in enumerate(_SLOW_FIRST)}
+    todo.sort(key=lambda kn: rank.get(f"{kn[0]}:{kn[1]}", len(rank)))
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    n, done = min(jobs, len(todo)), set()
+    kinds = dict((nm, k) for k, nm in todo)
+    with (
+        bar(f"rows in {n} processes", len(todo)) as b,
+        ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool,
+    ):
+        for f in as_completed([pool.submit(_row_job, spec, k, nm) for k, nm in todo]):
+            name = f.result()  # re-raises a worker's error here
+            done.add(f"moe_{name}" if kinds[name] == "moe" else name)
+            advance(b)
+    return done
 
 
 def _reference_rows(models: Models, ev: Evaluator, row_key: Callable[[str], str],
