@@ -1,6 +1,7 @@
 """What data-aware merges hold in memory: the statistics step frees each float64 Gram
-accumulator once it is converted to float32, and a merge whose statistics are cached does not
-load the models."""
+accumulator once it is converted to float32, a merge whose statistics are cached does not
+load the models, and RegMean solves a wide weight (an LM head) in blocks of output columns
+with the same result."""
 
 from __future__ import annotations
 
