@@ -60,7 +60,7 @@ def _results(tasks: list[str]) -> dict[str, Any]:
             "normalized_per_task": {t: v / 0.8 for t, v in per.items()},
             "params": 5_300_000 * (4 if kind == "moe" else 1) + 17_300_000,
             "active_params": active, "latency_ms": latency, "seconds": 12.5 + i,
-            "train_seconds": None, "hyperparameters": hp, "validation": None,
+            "train_seconds": None, "hyperparameters": hp, "validation": None, "statistics": None,
         }  # fmt: skip
 
     rows = [row(m, "reference", i, {}, active=22_600_000, latency=3.4)
@@ -72,7 +72,7 @@ def _results(tasks: list[str]) -> dict[str, Any]:
          "correct": {}, "avg": None, "avg_ci": None, "normalized": None, "normalized_ci": None,
          "vs_linear": None, "normalized_per_task": {}, "params": None,
          "active_params": None, "latency_ms": None, "seconds": 0.0, "train_seconds": None,
-         "hyperparameters": {}, "validation": None}
+         "hyperparameters": {}, "validation": None, "statistics": None}
         for m, why in SKIPPED.items()
     ]  # fmt: skip
     rows += [row(m, "moe", 20 + i, hp, active=26_100_000 - i * 3_000_000, latency=5.9 - i)
