@@ -29,6 +29,8 @@ def aware(bench_cache, tmp_path_factory):
 
     mp.setattr(DR, "batches", batches)
     mp.setattr(Evaluator, "correct", correct)
+    # a cache of its own: rows another test cached would be read back, never computed
+    mp.setenv("BRICKWORK_CACHE", str(tmp_path_factory.mktemp("data-rows-cache")))
     out = tmp_path_factory.mktemp("data-rows")
     try:
         res = run_bench("digits", out=out, quick=True, moe=False, progress=False,
