@@ -13,6 +13,7 @@ The public API (everything else is private to its package)::
     brickwork.BrickworkError (and subclasses in brickwork.errors)
     brickwork.moefy(model, n_experts=, top_k=, calibration=)  # MoEfication, in memory
     brickwork.save_moe(model, out), brickwork.load(path, base=None)  # brickwork MoE format
+    brickwork.align(model_a, model_b, method="weight" | "activation", data=None)  # -> (B', perms)
 
 Heavy modules are imported on first use, so ``import brickwork`` stays cheap.
 """
@@ -47,6 +48,7 @@ _EXPORTS = {
     "load": "brickwork.route.format",
     "save_moe": "brickwork.route.format",
     "moefy": "brickwork.route.moefy",
+    "align": "brickwork.align.api",
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

@@ -80,3 +80,9 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError
     return UnknownNameError(
         f"Unknown {kind} '{name}'. Known: {', '.join(known)}.{did_you_mean(name, known)}"
     )
+
+
+class AlignError(BrickworkError):
+    """A model cannot be aligned: its permutation spec cannot be derived (a module or
+    operation that does not commute with a permutation of its hidden units), or the two
+    models' specs disagree."""

@@ -1,0 +1,125 @@
+"""Activation matching: pair B's hidden units with A's by how their activations correlate.
+
+Ainsworth, Hayase & Srinivasa, "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+ICLR 2023 (arXiv:2209.04836), §3.1. Run both models on the same calibration batches, collect
+each group's hidden activations Z_a, Z_b (n examples × d units), and for each group solve
+
+    max_P  Σ_i corr(Z_a[:, i], Z_b[:, P(i)])
+
+with ``linear_sum_assignment`` on the (d × d) correlation matrix. The groups are independent,
+so there is one assignment per group and no iteration.
+
+The activations are read by a forward pre-hook on the Linear that *consumes* the group: its
+input is the output of the layer that produced the units, after the activation function (and
+any norm). Both models are run in eval mode under ``torch.no_grad``, and their train/eval
+flags are restored afterwards, so neither is modified.
+
+Units that are constant on the calibration data (e.g. dead ReLUs) have no correlation with
+anything and cannot be told apart: the assignment among them is arbitrary. It keeps B's
+function (any permutation does) but need not match A's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from brickwork.align.spec import PermutationSpec
+from brickwork.align.weight_matching import linear_assignment
+from brickwork.errors import DataError
+
+_EPS = 1e-12
+
+
+class _Moments:
+    """Running sums for the cross-correlation of two (n, d) activation streams, in float64."""
+
+    def __init__(self, size: int) -> None:
+        self.n = 0
+        self.sum_a = torch.zeros(size, dtype=torch.float64)
+        self.sum_b = torch.zeros(size, dtype=torch.float64)
+        self.sq_a = torch.zeros(size, dtype=torch.float64)
+        self.sq_b = torch.zeros(size, dtype=torch.float64)
+        self.ab = torch.zeros(size, size, dtype=torch.float64)
+
+    def add(self, z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+        z_a = z_a.detach().to(torch.float64).reshape(-1, z_a.shape[-1])  # (examples, units)
+        z_b = z_b.detach().to(torch.float64).reshape(-1, z_b.shape[-1])
+        self.n += z_a.shape[0]
+        self.sum_a += z_a.sum(0)
+        self.sum_b += z_b.sum(0)
+        self.sq_a += (z_a * z_a).sum(0)
+        self.sq_b += (z_b * z_b).sum(0)
+        self.ab += z_a.T @ z_b  # (units of A, units of B)
+
+    def correlation(self) -> torch.Tensor:
+        mean_a, mean_b = self.sum_a / self.n, self.sum_b / self.n
+        cov = self.ab / self.n - torch.outer(mean_a, mean_b)
+        std_a = (self.sq_a / self.n - mean_a**2).clamp_min(0).sqrt()
+        std_b = (self.sq_b / self.n - mean_b**2).clamp_min(0).sqrt()
+        return cov / (torch.outer(std_a, std_b) + _EPS)
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _collect(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for group in spec.groups:
+        consumer = modules[group.consumers[0]]
+
+        def hook(_module, args, _name=group.name):
+            seen.setdefault(_name, args[0])
+
+        handles.append(consumer.register_forward_pre_hook(hook))
+    try:
+        _call(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def activation_matching(
+    spec: PermutationSpec,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+) -> dict[str, torch.Tensor]:
+    """Permutations of B's groups that maximise the correlation of its activations with A's.
+
+    ``data`` is an iterable of batches; a batch is passed as ``model(batch)``, a tuple/list as
+    ``model(*batch)`` and a dict as ``model(**batch)``."""
+    moments = {g.name: _Moments(g.size) for g in spec.groups}
+    flags = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
+    model_a.eval()
+    model_b.eval()
+    try:
+        with torch.no_grad():
+            for batch in data:
+                z_a = _collect(model_a, spec, batch)
+                z_b = _collect(model_b, spec, batch)
+                for name, m in moments.items():
+                    m.add(z_a[name], z_b[name])
+    finally:
+        for module, training in flags:
+            module.training = training
+    if not spec.groups:
+        return {}
+    if any(m.n < 2 for m in moments.values()):
+        raise DataError(
+            "activation matching needs calibration data with at least 2 examples; "
+            f"got {min(m.n for m in moments.values())}. Pass data=[batch, ...]."
+        )
+    return {name: linear_assignment(m.correlation()) for name, m in moments.items()}

@@ -1,0 +1,78 @@
+"""``brickwork.align(model_a, model_b)``: B's hidden units permuted onto A's."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from brickwork.align.spec import PermutationSpec, apply_permutations, permutation_spec
+from brickwork.errors import AlignError, DataError, unknown_name
+
+_METHODS = ("activation", "weight")
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    method: Literal["weight", "activation"] = "weight",
+    data: Iterable[Any] | None = None,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Permute the hidden units of ``model_b`` onto those of ``model_a``.
+
+    Returns a new module (a copy of B with its units reordered; it computes the same function
+    as B) and ``{group name: LongTensor}`` where new unit ``i`` of a group is B's unit
+    ``perm[i]``. The groups come from :func:`brickwork.align.spec.permutation_spec`.
+
+    ``method="weight"`` is Git Re-Basin weight matching (Ainsworth et al. 2023,
+    arXiv:2209.04836): data-free coordinate descent, seeded by ``seed``, at most ``max_iter``
+    passes. ``method="activation"`` is the same paper's activation matching and needs ``data``,
+    an iterable of calibration batches. Neither input is modified."""
+    if method not in _METHODS:
+        raise unknown_name("alignment method", method, _METHODS)
+    spec = _common_spec(model_a, model_b)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    if method == "weight":
+        from brickwork.align.weight_matching import weight_matching
+
+        perms = weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter).perms
+    else:
+        if data is None:
+            raise DataError(
+                "method='activation' needs calibration data: pass data=[batch, ...] "
+                "(batches both models accept), or use method='weight', which needs none."
+            )
+        from brickwork.align.activation_matching import activation_matching
+
+        perms = activation_matching(spec, model_a, model_b, data)
+    aligned = copy.deepcopy(model_b)
+    aligned.load_state_dict(apply_permutations(sd_b, spec, perms))
+    return aligned, perms
+
+
+def _common_spec(model_a: nn.Module, model_b: nn.Module) -> PermutationSpec:
+    spec_a, spec_b = permutation_spec(model_a), permutation_spec(model_b)
+    if spec_a != spec_b:
+        raise AlignError(
+            "models A and B have different permutation groups: A has "
+            f"{[(g.name, g.size) for g in spec_a.groups]}, B has "
+            f"{[(g.name, g.size) for g in spec_b.groups]}. Align two models of one architecture."
+        )
+    shapes_a = {k: tuple(v.shape) for k, v in model_a.state_dict().items()}
+    shapes_b = {k: tuple(v.shape) for k, v in model_b.state_dict().items()}
+    if shapes_a != shapes_b:
+        diff = sorted(
+            k for k in shapes_a.keys() | shapes_b.keys() if shapes_a.get(k) != shapes_b.get(k)
+        )
+        raise AlignError(
+            f"models A and B have different tensors: {', '.join(diff[:5])}"
+            f"{' ...' if len(diff) > 5 else ''} differ in name or shape "
+            f"(A: {[shapes_a.get(k) for k in diff[:5]]}, B: {[shapes_b.get(k) for k in diff[:5]]})."
+        )
+    return spec_a
