@@ -254,3 +254,53 @@ def test_align_package_and_function_are_both_callable():
     model = _mlp("relu", 0)
     aligned, perms = brickwork.align(model, model)
     assert all(torch.equal(p, torch.arange(len(p))) for p in perms.values())
+
+
+class _FunctionalMLP(nn.Module):
+    """Named layers, functional activations, a bias-free Linear and keyword inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 20, bias=False)
+        self.norm = nn.LayerNorm(20)
+        self.fc2 = nn.Linear(20, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x, scale: float = 1.0):
+        h = torch.nn.functional.relu(self.norm(self.fc1(x * scale)))
+        return self.head(torch.tanh(self.fc2(h)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_functional_module_with_dict_batches(method):
+    torch.manual_seed(0)
+    model = _FunctionalMLP()
+    spec = permutation_spec(model)
+    assert spec["fc1"].members == (
+        ("fc1.weight", 0),
+        ("norm.weight", 0),
+        ("norm.bias", 0),
+        ("fc2.weight", 1),
+    )
+    assert [g.name for g in spec.groups] == ["fc1", "fc2"]
+    permuted, true = _permuted_copy(model, seed=2)
+    data = [{"x": x, "scale": 2.0} for x in _data()]
+    aligned, perms = brickwork.align(model, permuted, method=method, data=data)
+    assert all(torch.equal(perms[k], torch.argsort(p)) for k, p in true.items())
+    x = _data(1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), model(x), atol=1e-5, rtol=0)
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_module_called_twice_is_an_error():
+    with pytest.raises(AlignError, match="'fc' a second time"):
+        permutation_spec(_Shared())

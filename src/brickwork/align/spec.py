@@ -161,6 +161,12 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
         if node.op == "call_module":
             module = modules[node.target]
             if isinstance(module, nn.Linear):
+                if any(g.name == node.target for g in groups):
+                    raise AlignError(
+                        f"cannot derive a permutation spec: {_where(node)} calls Linear "
+                        f"'{node.target}' a second time; a module shared between positions "
+                        "cannot have one permutation per position."
+                    )
                 group = carried[0] if carried else None
                 if group is not None:
                     group.members.append((f"{node.target}.weight", 1))

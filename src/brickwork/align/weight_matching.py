@@ -44,11 +44,18 @@ def linear_assignment(similarity: torch.Tensor) -> torch.Tensor:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         from brickwork.errors import AlignError
 
-        raise AlignError("alignment needs scipy: pip install scipy") from exc
+        raise AlignError(
+            "alignment needs scipy: pip install 'brickwork[align]' (or scipy)"
+        ) from exc
     rows, cols = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
     perm = np.empty_like(cols)
     perm[rows] = cols
     return torch.as_tensor(perm, dtype=torch.long)
+
+
+def _f64(tensor: torch.Tensor) -> torch.Tensor:
+    # on the CPU, where the permutations live; float64 so ties are not round-off
+    return tensor.detach().to("cpu", torch.float64)
 
 
 def _permuted_except(
@@ -71,8 +78,8 @@ def _similarity(
     g = spec[group]
     sim = torch.zeros(g.size, g.size, dtype=torch.float64)
     for name, axis in g.members:
-        w_a = sd_a[name].detach().to(torch.float64).movedim(axis, 0).reshape(g.size, -1)
-        w_b = _permuted_except(sd_b[name].detach().to(torch.float64), axes[name], group, perms)
+        w_a = _f64(sd_a[name]).movedim(axis, 0).reshape(g.size, -1)  # (units, rest)
+        w_b = _permuted_except(_f64(sd_b[name]), axes[name], group, perms)
         w_b = w_b.movedim(axis, 0).reshape(g.size, -1)
         sim += w_a @ w_b.T  # (units of A, units of B)
     return sim
@@ -87,10 +94,10 @@ def objective(
     """``Σ ⟨W_a, π(W_b)⟩`` over every tensor of a group (the others do not depend on π)."""
     total = 0.0
     for name, axes in spec.axes_of().items():
-        w_b = sd_b[name].detach().to(torch.float64)
+        w_b = _f64(sd_b[name])
         for axis, group in axes.items():
             w_b = w_b.index_select(axis, perms[group])
-        total += float((sd_a[name].detach().to(torch.float64) * w_b).sum())
+        total += float((_f64(sd_a[name]) * w_b).sum())
     return total
 
 
