@@ -16,6 +16,8 @@ from torch import nn
 
 import brickwork
 from brickwork.align import apply_permutations, permutation_spec
+from brickwork.align.activation_matching import _Moments
+from brickwork.align.api import _METHODS
 from brickwork.align.weight_matching import _similarity, weight_matching
 from brickwork.errors import AlignError, DataError, UnknownNameError
 
@@ -67,7 +69,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 KINDS = ["relu", "batchnorm", "layernorm"]
-METHODS = ["weight", "activation"]
+METHODS = list(_METHODS)  # every method gets every property test
 
 
 def test_spec_of_784_512_512_10_mlp_has_two_groups_with_right_members():
@@ -304,3 +306,15 @@ class _Shared(nn.Module):
 def test_module_called_twice_is_an_error():
     with pytest.raises(AlignError, match="'fc' a second time"):
         permutation_spec(_Shared())
+
+
+def test_activation_correlation_is_pearsons_over_batches():
+    """The streamed correlation (two batches) equals Pearson's r of the stacked activations."""
+    g = torch.Generator().manual_seed(0)
+    z_a, z_b = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g)
+    z_b[:, 2] += 3 * z_a[:, 4]
+    moments = _Moments(6)
+    moments.add(z_a[:20], z_b[:20])
+    moments.add(z_a[20:], z_b[20:])
+    expected = torch.corrcoef(torch.cat([z_a, z_b], 1).T.double())[:6, 6:]
+    torch.testing.assert_close(moments.correlation(), expected, atol=1e-9, rtol=1e-9)
