@@ -37,6 +37,12 @@ ADAMERGING = {"steps": 200, "lr": 1e-3}
 ADA_BATCH = 16
 
 
+def adamerging_combos(combos: list[dict[str, Any]], *, quick: bool) -> list[dict[str, Any]]:
+    """The bench's AdaMerging settings (:data:`ADAMERGING`; 10 steps with ``--quick``)
+    added to each hyperparameter combination."""
+    return [{**c, **ADAMERGING, **({"steps": 10} if quick else {})} for c in combos]
+
+
 class PeakRSS:
     """Peak resident set size of this process while the block runs (``peak_mb``) and at
     its start (``start_mb``). On Linux the kernel's high-water mark is reset on entry
@@ -217,9 +223,7 @@ def data_rows(
                     merge, info = (module_level if m.level == "module" else tensor_level)(m)
                     combos = grid(m.search_space, cap=2 if suite.quick else MAX_COMBOS)
                     if name == "adamerging":
-                        combos = [{**c, **ADAMERGING} for c in combos]
-                        if suite.quick:
-                            combos = [{**c, "steps": 10} for c in combos]
+                        combos = adamerging_combos(combos, quick=suite.quick)
                     sel = select_hyperparameters(combos, merge, score_val, errors=(BrickworkError,))
                 except BrickworkError as e:
                     err = str(e)

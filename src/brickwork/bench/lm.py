@@ -280,24 +280,11 @@ def _prefill(spec: tuple[Any, ...], row_key: Callable[[str], str], merges: list[
     todo += [("data", n) for n in aware] + [("moe", r) for r in routers]
     todo = [(k, n) for k, n in todo
             if load_row(row_key(f"{'moe' if k == 'moe' else 'merge'}:{n}")) is None]  # fmt: skip
-    if len(todo) < 2:
-        return set()
-    rank = {k: i for i, k in enumerate(_SLOW_FIRST)}
-    todo.sort(key=lambda kn: rank.get(f"{kn[0]}:{kn[1]}", len(rank)))
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from .runner import rows_in_workers
 
-    n, done = min(jobs, len(todo)), set()
-    kinds = dict((nm, k) for k, nm in todo)
-    with (
-        bar(f"rows in {n} processes", len(todo)) as b,
-        ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool,
-    ):
-        for f in as_completed([pool.submit(_row_job, spec, k, nm) for k, nm in todo]):
-            name = f.result()  # re-raises a worker's error here
-            done.add(f"moe_{name}" if kinds[name] == "moe" else name)
-            advance(b)
-    return done
+    done = rows_in_workers(_row_job, spec, todo, _SLOW_FIRST, jobs=jobs, progress=bar)
+    moe = {n for k, n in todo if k == "moe"}
+    return {f"moe_{n}" if n in moe else n for n in done}
 
 
 def _reference_rows(models: Models, ev: Evaluator, row_key: Callable[[str], str],

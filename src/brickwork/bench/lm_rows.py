@@ -204,7 +204,7 @@ def data_rows(
     from ..merge.data_aware import run_module_level
     from ..merge.registry import get_method
     from ..stats import StatisticsSource, statistics_for
-    from .data_rows import ADAMERGING, PeakRSS
+    from .data_rows import PeakRSS, adamerging_combos
     from .evaluate import MAX_COMBOS, grid, select_hyperparameters
 
     domains = list(models.keys)
@@ -276,9 +276,8 @@ def data_rows(
             try:
                 merge, info, n = (module_level if m.level == "module" else tensor_level)(m)
                 combos = grid(m.search_space, cap=2 if quick else MAX_COMBOS)
-                if name == "adamerging":  # as on the text suite (brickwork.bench.data_rows)
-                    combos = [{**c, **ADAMERGING, **({"steps": 10} if quick else {})}
-                              for c in combos]  # fmt: skip
+                if name == "adamerging":  # as on the text suite
+                    combos = adamerging_combos(combos, quick=quick)
                 sel = select_hyperparameters(combos, merge, score_val, errors=(BrickworkError,))
             except BrickworkError as e:
                 err = str(e)

@@ -537,10 +537,25 @@ def prefill_rows(
     for name in moe_names:
         if load_cached_row(moe_row_key(s, tasks, trainer, name, seed=seed)) is None:
             todo.append(("moe", name))
+    return rows_in_workers(_row_job, spec, todo, _SLOW_FIRST, jobs=jobs, progress=progress)
+
+
+def rows_in_workers(
+    job: Callable[[tuple[Any, ...], str, str], str],
+    spec: tuple[Any, ...],
+    todo: list[tuple[str, str]],
+    slow_first: Sequence[str],
+    *,
+    jobs: int,
+    progress: Any,
+) -> set[str]:
+    """Run ``job(spec, kind, name)`` for every ``(kind, name)`` of ``todo`` in ``jobs``
+    spawned processes, the ``"kind:name"`` entries of ``slow_first`` submitted first;
+    returns the names the jobs returned (nothing to do in workers when fewer than two)."""
     if len(todo) < 2:
         return set()
-    rank = {k: i for i, k in enumerate(_SLOW_FIRST)}
-    todo.sort(key=lambda kn: rank.get(f"{kn[0]}:{kn[1]}", len(rank)))
+    rank = {k: i for i, k in enumerate(slow_first)}
+    todo = sorted(todo, key=lambda kn: rank.get(f"{kn[0]}:{kn[1]}", len(rank)))
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -550,7 +565,7 @@ def prefill_rows(
         progress(f"rows in {n} processes", len(todo)) as b,
         ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool,
     ):
-        for f in as_completed([pool.submit(_row_job, spec, k, name) for k, name in todo]):
+        for f in as_completed([pool.submit(job, spec, k, name) for k, name in todo]):
             done.add(f.result())  # re-raises a worker's error here
             if b is not None:
                 b.advance()
