@@ -46,6 +46,10 @@ def _mlp(kind: str, seed: int, width: int = 24) -> nn.Module:
     return model.eval()
 
 
+def _pairs(group) -> tuple[tuple[str, int], ...]:
+    return tuple((m.tensor, m.axis) for m in group.members)
+
+
 def _random_perms(spec, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {group.name: torch.randperm(group.size, generator=g) for group in spec.groups}
@@ -83,14 +87,14 @@ def test_spec_of_784_512_512_10_mlp_has_two_groups_with_right_members():
     )
     spec = permutation_spec(model)
     assert [(g.name, g.size) for g in spec.groups] == [("1", 512), ("3", 512)]
-    assert spec["1"].members == (("1.weight", 0), ("1.bias", 0), ("3.weight", 1))
-    assert spec["3"].members == (("3.weight", 0), ("3.bias", 0), ("5.weight", 1))
+    assert _pairs(spec["1"]) == (("1.weight", 0), ("1.bias", 0), ("3.weight", 1))
+    assert _pairs(spec["3"]) == (("3.weight", 0), ("3.bias", 0), ("5.weight", 1))
     assert spec["1"].consumers == ("3",) and spec["3"].consumers == ("5",)
 
 
 def test_spec_places_norm_parameters_and_buffers_in_the_group():
     spec = permutation_spec(_mlp("batchnorm", 0))
-    assert spec["0"].members == (
+    assert _pairs(spec["0"]) == (
         ("0.weight", 0),
         ("0.bias", 0),
         ("1.weight", 0),
@@ -99,9 +103,9 @@ def test_spec_places_norm_parameters_and_buffers_in_the_group():
         ("1.running_var", 0),
         ("3.weight", 1),
     )
-    assert ("5.running_var", 0) in spec["3"].members and ("6.weight", 1) in spec["3"].members
+    assert ("5.running_var", 0) in _pairs(spec["3"]) and ("6.weight", 1) in _pairs(spec["3"])
     ln = permutation_spec(_mlp("layernorm", 0))
-    assert ("2.weight", 0) in ln["0"].members and ("2.bias", 0) in ln["0"].members
+    assert ("2.weight", 0) in _pairs(ln["0"]) and ("2.bias", 0) in _pairs(ln["0"])
 
 
 class _Residual(nn.Module):
@@ -278,7 +282,7 @@ def test_functional_module_with_dict_batches(method):
     torch.manual_seed(0)
     model = _FunctionalMLP()
     spec = permutation_spec(model)
-    assert spec["fc1"].members == (
+    assert _pairs(spec["fc1"]) == (
         ("fc1.weight", 0),
         ("norm.weight", 0),
         ("norm.bias", 0),
@@ -318,3 +322,17 @@ def test_activation_correlation_is_pearsons_over_batches():
     moments.add(z_a[20:], z_b[20:])
     expected = torch.corrcoef(torch.cat([z_a, z_b], 1).T.double())[:6, 6:]
     torch.testing.assert_close(moments.correlation(), expected, atol=1e-9, rtol=1e-9)
+
+
+def test_block_and_offset_members_move_whole_units_of_one_slice():
+    """A unit of ``block`` indices starting at ``offset`` moves as one; the rest stays."""
+    from brickwork.align.spec import Member, PermutationGroup, PermutationSpec
+
+    group = PermutationGroup("heads", 3, (Member("w", 0, block=2, offset=1),), ())
+    spec = PermutationSpec((group,))
+    w = torch.arange(8.0).view(8, 1)  # rows: 0 | (1 2) (3 4) (5 6) | 7
+    out = apply_permutations({"w": w}, spec, {"heads": torch.tensor([2, 0, 1])})["w"]
+    assert out.flatten().tolist() == [0, 5, 6, 1, 2, 3, 4, 7]
+    sim = _similarity(spec, "heads", {"w": w}, {"w": w}, {"heads": torch.arange(3)})
+    blocks = w[1:7].double().view(3, 2)
+    torch.testing.assert_close(sim, blocks @ blocks.T)

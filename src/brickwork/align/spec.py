@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,38 @@ _NORM_TENSORS = {
 _SUPPORTED = "nn.Linear, nn.BatchNorm1d, nn.LayerNorm and element-wise activations"
 
 
+class Member(NamedTuple):
+    """One ``(tensor, axis)`` that a group's units index.
+
+    Unit ``i`` of the group occupies the ``block`` consecutive indices starting at
+    ``offset + i * block`` along ``axis``; indices outside ``[offset, offset + size * block)``
+    do not move with this group. ``block > 1`` is a unit made of several indices (an attention
+    head of ``head_dim`` rows, a conv channel flattened with its ``H * W`` pixels);
+    ``offset > 0`` a group that owns one slice of an axis (the K rows of a fused QKV matrix)."""
+
+    tensor: str
+    axis: int
+    block: int = 1
+    offset: int = 0
+
+
+def unit_index(member: Member, size: int, perm: torch.Tensor, length: int) -> torch.Tensor:
+    """The full index along ``member.axis`` (of ``length`` entries) that moves the member's
+    units by ``perm`` (new unit ``i`` is old unit ``perm[i]``) and leaves the rest in place."""
+    index = torch.arange(length)
+    span = member.offset + (perm.view(-1, 1) * member.block + torch.arange(member.block))
+    index[member.offset : member.offset + size * member.block] = span.reshape(-1)
+    return index
+
+
+def unit_view(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The member's slice of ``tensor`` as ``(size, everything else)``: row ``i`` is unit ``i``
+    (its ``block`` indices along the axis, and every other axis)."""
+    moved = tensor.movedim(member.axis, 0)
+    part = moved[member.offset : member.offset + size * member.block]
+    return part.reshape(size, -1)
+
+
 @dataclass(frozen=True)
 class PermutationGroup:
     """One set of hidden units that permute together.
@@ -79,7 +112,7 @@ class PermutationGroup:
 
     name: str
     size: int
-    members: tuple[tuple[str, int], ...]
+    members: tuple[Member, ...]
     consumers: tuple[str, ...]
 
 
@@ -93,19 +126,38 @@ class PermutationSpec:
                 return group
         raise KeyError(name)
 
-    def axes_of(self) -> dict[str, dict[int, str]]:
-        """``{tensor name: {axis: group name}}`` for every permuted tensor."""
-        out: dict[str, dict[int, str]] = {}
+    def members_of(self) -> dict[str, list[tuple[PermutationGroup, Member]]]:
+        """``{tensor name: [(group, member), ...]}`` for every permuted tensor, in the order
+        the groups are applied (the order of ``groups``)."""
+        out: dict[str, list[tuple[PermutationGroup, Member]]] = {}
         for group in self.groups:
-            for tensor, axis in group.members:
-                out.setdefault(tensor, {})[axis] = group.name
+            for member in group.members:
+                out.setdefault(member.tensor, []).append((group, member))
         return out
+
+
+def permute_tensor(
+    tensor: torch.Tensor,
+    moves: list[tuple[PermutationGroup, Member]],
+    perms: dict[str, torch.Tensor],
+    *,
+    skip: str | None = None,
+) -> torch.Tensor:
+    """``tensor`` with every ``(group, member)`` move applied in order (``skip``: one group left
+    out, as weight matching does for the group it is solving)."""
+    for group, member in moves:
+        if group.name == skip:
+            continue
+        length = tensor.shape[member.axis]
+        index = unit_index(member, group.size, perms[group.name].cpu(), length)
+        tensor = tensor.index_select(member.axis, index.to(tensor.device))
+    return tensor
 
 
 class _Open:
     """A group being built while the trace is walked."""
 
-    def __init__(self, name: str, size: int, members: list[tuple[str, int]]) -> None:
+    def __init__(self, name: str, size: int, members: list[Member]) -> None:
         self.name = name
         self.size = size
         self.members = members
@@ -169,11 +221,11 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
                     )
                 group = carried[0] if carried else None
                 if group is not None:
-                    group.members.append((f"{node.target}.weight", 1))
+                    group.members.append(Member(f"{node.target}.weight", 1))
                     group.consumers.append(node.target)
-                members = [(f"{node.target}.weight", 0)]
+                members = [Member(f"{node.target}.weight", 0)]
                 if module.bias is not None:
-                    members.append((f"{node.target}.bias", 0))
+                    members.append(Member(f"{node.target}.bias", 0))
                 new = _Open(node.target, module.out_features, members)
                 groups.append(new)
                 state[node] = new
@@ -227,7 +279,7 @@ def _add_norm(node: torch.fx.Node, module: nn.Module, tensors: tuple[str, ...], 
         )
     for attr in tensors:
         if getattr(module, attr, None) is not None:
-            group.members.append((f"{node.target}.{attr}", 0))
+            group.members.append(Member(f"{node.target}.{attr}", 0))
 
 
 def apply_permutations(
@@ -238,10 +290,8 @@ def apply_permutations(
     """Return a new state dict with every group's units reordered: along each member axis,
     new unit ``i`` is old unit ``perms[group][i]``. The input is not modified; tensors of no
     group are copied too, so the result shares no storage with it."""
-    axes = spec.axes_of()
+    moves = spec.members_of()
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
-        for axis, group in axes.get(name, {}).items():
-            tensor = tensor.index_select(axis, perms[group].to(tensor.device))
-        out[name] = tensor.clone() if name not in axes else tensor
+        out[name] = permute_tensor(tensor, moves[name], perms) if name in moves else tensor.clone()
     return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from brickwork.align.spec import PermutationSpec
+from brickwork.align.spec import PermutationSpec, permute_tensor, unit_view
 
 # A step must raise its group's term by more than this (relative) to count as an improvement,
 # so float round-off cannot make the descent cycle between equally good assignments.
@@ -58,15 +58,6 @@ def _f64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float64)
 
 
-def _permuted_except(
-    tensor: torch.Tensor, axes: dict[int, str], skip: str, perms: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    for axis, group in axes.items():
-        if group != skip:
-            tensor = tensor.index_select(axis, perms[group])
-    return tensor
-
-
 def _similarity(
     spec: PermutationSpec,
     group: str,
@@ -74,14 +65,13 @@ def _similarity(
     sd_b: dict[str, torch.Tensor],
     perms: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    axes = spec.axes_of()
+    moves = spec.members_of()
     g = spec[group]
     sim = torch.zeros(g.size, g.size, dtype=torch.float64)
-    for name, axis in g.members:
-        w_a = _f64(sd_a[name]).movedim(axis, 0).reshape(g.size, -1)  # (units, rest)
-        w_b = _permuted_except(_f64(sd_b[name]), axes[name], group, perms)
-        w_b = w_b.movedim(axis, 0).reshape(g.size, -1)
-        sim += w_a @ w_b.T  # (units of A, units of B)
+    for member in g.members:
+        w_a = unit_view(_f64(sd_a[member.tensor]), member, g.size)  # (units, rest)
+        w_b = permute_tensor(_f64(sd_b[member.tensor]), moves[member.tensor], perms, skip=group)
+        sim += w_a @ unit_view(w_b, member, g.size).T  # (units of A, units of B)
     return sim
 
 
@@ -93,10 +83,8 @@ def objective(
 ) -> float:
     """``Σ ⟨W_a, π(W_b)⟩`` over every tensor of a group (the others do not depend on π)."""
     total = 0.0
-    for name, axes in spec.axes_of().items():
-        w_b = _f64(sd_b[name])
-        for axis, group in axes.items():
-            w_b = w_b.index_select(axis, perms[group])
+    for name, moves in spec.members_of().items():
+        w_b = permute_tensor(_f64(sd_b[name]), moves, perms)
         total += float((_f64(sd_a[name]) * w_b).sum())
     return total
 
