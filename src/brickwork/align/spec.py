@@ -108,12 +108,19 @@ class PermutationGroup:
     ``name`` is the module that produces the units (the Linear whose output axis 0 they are),
     ``size`` the number of units, ``members`` the ``(state-dict name, axis)`` pairs that move
     with them, and ``consumers`` the Linear modules that read them (their input, seen by a
-    forward pre-hook, is the group's activations after the activation function)."""
+    forward pre-hook, is the group's activations after the activation function).
+
+    ``parent`` makes the group *nested*: it permutes indices inside the units of another group
+    (e.g. the dimensions of one attention head inside the head group). Groups are applied in
+    the order of :attr:`PermutationSpec.groups` and a parent always comes before its children,
+    so a child's member offsets are positions in *target* coordinates, after the parent's
+    permutation: the child of head position ``h`` acts on whichever head now sits at ``h``."""
 
     name: str
     size: int
     members: tuple[Member, ...]
     consumers: tuple[str, ...]
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
