@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .align.cli import register as _register_align
 from .bench.cli import register as _register_bench
 from .errors import BrickworkError, Interrupted
 from .route.cli import route_app
@@ -157,6 +158,7 @@ def demo(
     run_demo(out)
 
 
+_register_align(app)
 app.add_typer(route_app, name="route")
 _register_bench(app)
 

@@ -19,6 +19,10 @@ brickwork recipe (``method:`` key)::
                                  # bfloat16, float16, or input (each tensor's own dtype)
     seed: 0                      # for seeded methods (dare_*, della*)
     on_missing: error            # a tensor absent from some models: error | base | skip
+    align:                       # optional: permute every other model's units onto ./math
+      to: ./math                 # first (models trained from different initialisations)
+      method: weight             # weight (data-free) | activation (needs data:)
+      residual: false            # also permute the residual stream (transformers)
 
 ``slices:`` (layer ranges of several models stacked, as mergekit) replaces ``models:``.
 
@@ -157,6 +161,21 @@ class Slice(_Strict):
     parameters: Params = Field(default_factory=dict)
 
 
+class AlignSpec(_Strict):
+    """``align:``: before merging, permute every model except ``to`` onto ``to``'s units
+    (Git Re-Basin; see :mod:`brickwork.align`). Weight matching needs no data; activation
+    matching reads ``data`` (tokenised with each model's tokenizer)."""
+
+    to: ModelPath
+    method: Literal["weight", "activation"] = "weight"
+    heads: bool = True  # transformers: permute attention heads as whole blocks
+    within_head: bool = True  # ... and dimensions inside a head where positions allow it
+    residual: bool = False  # ... and the residual stream (couples every layer)
+    seed: int = 0
+    max_iter: Annotated[int, Field(gt=0)] = 100
+    data: DataSpec | None = None
+
+
 class MergeRecipe(_Strict):
     method: str
     base: ModelPath | None = None
@@ -167,6 +186,7 @@ class MergeRecipe(_Strict):
     compute_dtype: ComputeDType = "float32"
     seed: int = 0
     on_missing: Literal["error", "base", "skip"] = "error"
+    align: AlignSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MergeRecipe:
@@ -215,6 +235,11 @@ class MergeRecipe(_Strict):
                     "among the slice's sources"
                 )
         self._check_model_count(m)
+        if self.align is not None and self.align.method == "activation" and not self.align.data:
+            raise ValueError(
+                "align.method 'activation' needs calibration data: add align.data "
+                "(e.g. data: {path: calibration.txt, n_examples: 256}), or use method 'weight'"
+            )
         return self
 
     def _check_model_count(self, m: MergeMethod) -> None:

@@ -24,8 +24,13 @@ from .registry import MergeMethod, get_method
 
 
 def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Checkpoint]:
-    ckpts: dict[str, Checkpoint] = {}
-    for key in recipe.model_paths():
+    return {key: _open_path(recipe_dir)(key) for key in recipe.model_paths()}
+
+
+def _open_path(recipe_dir: Path | None):
+    """Opens a model path of a recipe (relative to the recipe's folder if not found as is)."""
+
+    def open_one(key: str) -> Checkpoint:
         p = Path(key).expanduser()
         if not p.exists() and recipe_dir is not None and (recipe_dir / p).exists():
             p = recipe_dir / p
@@ -37,8 +42,9 @@ def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Chec
                 else ""
             )
             raise CheckpointError(f"model '{key}': no such file or directory.{hint}")
-        ckpts[key] = open_checkpoint(p)
-    return ckpts
+        return open_checkpoint(p)
+
+    return open_one
 
 
 def _compute_dtype(recipe: MergeRecipe) -> torch.dtype | None:
@@ -159,6 +165,17 @@ def merge(
     check_output_is_not_input(out, ckpts)
     method = get_method(recipe.method)
     _check_data_blocks(recipe, method, out, force)
+    alignment = None
+    if recipe.align is not None:  # permute every model onto align.to before merging
+        from ..align.files import align_recipe_models
+
+        if out.exists() and not force:
+            raise OutputExistsError(
+                f"{out}: already exists. Choose another output path or pass --force to replace it."
+            )
+        ckpts, alignment = align_recipe_models(
+            recipe, ckpts, recipe_dir=recipe_dir, open_path=_open_path(recipe_dir)
+        )
     if method.level == "module":
         from .data_aware import merge_module_level
 
@@ -195,9 +212,13 @@ def merge(
             ref = ckpts[plan.reference]
             _write_config(writer, ref, plan, out_dtype)
             inputs = {k: f.result() for k, f in digests.items()}
-            extra = None
+            extra = {"alignment": alignment} if alignment is not None else None
             if stats is not None:
-                extra = {"statistics": stats.provenance(), "regularized": stats.ridges()}
+                extra = {
+                    **(extra or {}),
+                    "statistics": stats.provenance(),
+                    "regularized": stats.ridges(),
+                }
             _write_provenance(writer, recipe, method, inputs, extra)
     return out
 

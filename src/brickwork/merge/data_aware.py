@@ -47,12 +47,13 @@ def _entries(recipe: MergeRecipe, m: MergeMethod) -> list[ModelEntry]:
 
 
 def _load(ck: Checkpoint, entry: ModelEntry, recipe_dir: Path | None) -> tuple[nn.Module, list]:
-    from ..stats.data import load_batches, load_hf_module
+    from ..align.files import load_module
+    from ..stats.data import load_batches
 
     where = f"model '{entry.model}'"
     if ck.path is None:
         raise DataError(f"{where}: an in-memory state dict cannot be run on data.")
-    module = load_hf_module(ck.path, where)
+    module = load_module(ck, where)  # with its permutations when the recipe aligns it
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     batches = load_batches(
         entry.data, model_dir=ck.model_dir, vocab_size=vocab, where=where, recipe_dir=recipe_dir
@@ -80,8 +81,9 @@ def recipe_statistics(
     import sys
     import time
 
+    from ..align.files import load_module
     from ..stats import cached_statistics
-    from ..stats.data import load_batches, load_hf_module, require_config
+    from ..stats.data import load_batches, require_config
 
     m = get_method(recipe.method)
     files: dict[str, dict[str, Any]] = {}
@@ -102,7 +104,7 @@ def recipe_statistics(
             options = {"fisher_estimate": e.data.fisher_estimate, "seed": recipe.seed}
             f = cached_statistics(batches, kind, model_hash=ck.checksum(), **options)
             if f is None:
-                module = module if module is not None else load_hf_module(ck.path, where)
+                module = module if module is not None else load_module(ck, where)
                 f = statistics_for(
                     module, batches, kind, model_hash=ck.checksum(), where=where, **options
                 )
@@ -223,7 +225,6 @@ def merge_module_level(
     """``brickwork merge`` of a module-level method: load the models and their data, run
     the method, write the merged module's tensors (the reference checkpoint's names, shapes
     and dtypes) through the shared writer."""
-    from ..stats.data import load_hf_module
     from ..stats.store import data_hash
 
     m = get_method(recipe.method)
@@ -243,7 +244,9 @@ def merge_module_level(
         )
     base = None
     if recipe.base is not None and m.base != "none":
-        base = load_hf_module(ckpts[recipe.base].path, f"base '{recipe.base}'")
+        from ..align.files import load_module
+
+        base = load_module(ckpts[recipe.base], f"base '{recipe.base}'")
     params = {}
     for k, v in recipe.parameters.items():
         if not isinstance(v, bool | int | float | str):
