@@ -13,7 +13,13 @@ def _split(v: str | None) -> list[str] | None:
 
 
 def bench(
-    suite: str = typer.Option("text", "--suite", help="Suite: text (default), digits or lm."),
+    suite: str = typer.Option(
+        "text",
+        "--suite",
+        help="Suite: text (default), digits, lm, or digits-scratch (the digits networks trained "
+        "from scratch from different initialisations; rows: naive linear and aligned or fused "
+        "merges: align+linear, align+ties, align_act+linear, ot_fusion, zipit).",
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="Output directory (default: bench-results/SUITE-DATE)."
     ),
@@ -22,8 +28,10 @@ def bench(
     methods: str | None = typer.Option(
         None,
         "--methods",
-        help="Comma-separated merge methods and MoE rows (moe_task, moe_train, moefy_top4of8, "
-        "moefy_top2of8); default: all.",
+        help="Comma-separated merge methods, MoE rows (moe_task, moe_train, moefy_top4of8, "
+        "moefy_top2of8) and alignment rows (align+linear, align+ties, align_act+linear, "
+        "ot_fusion, zipit); default: all but the alignment rows (digits-scratch: linear and "
+        "the alignment rows).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of splits, training and merges."),
     seeds: str | None = typer.Option(

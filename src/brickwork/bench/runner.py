@@ -179,6 +179,11 @@ def _row_key(suite: Suite, tasks: list[Task], trainer: Trainer, what: str, **ext
     )  # fmt: skip
 
 
+def _align_key(suite: Suite, tasks: list[Task], trainer: Trainer, what: str, **extra: Any) -> str:
+    """An alignment row's key: that of a merge row, plus the align package's sources."""
+    return _row_key(suite, tasks, trainer, what, align_code=source_hash("align"), **extra)
+
+
 def load_cached_row(key: str) -> dict[str, Any] | None:
     """A cached row, or None when there is none or it predates per-example correctness."""
     row = load_row(key)
@@ -329,13 +334,16 @@ def _run_bench(
     from .costs import Costs
     from .data_rows import data_rows
     from .moe_rows import moe_rows, split_methods
-
-    methods, moe_names = split_methods(methods, moe=moe)
-    methods, data_names = _split_data_aware(methods)
+    from .scratch import align_rows, split_align_rows
 
     t_start = time.perf_counter()
     bar = _progress_factory(console, progress)
     s = make_suite(suite, quick=quick, seed=seed, tasks=tasks)
+    if methods is None and s.default_rows is not None:
+        methods = list(s.default_rows)
+    methods, align_names = split_align_rows(methods)
+    methods, moe_names = split_methods(methods, moe=moe)
+    methods, data_names = _split_data_aware(methods)
     for why, names in _group_skipped(s.skipped).items():  # one line per missing package
         console.print(
             f"[yellow]skipping task{'s' if len(names) > 1 else ''} {', '.join(names)}:[/] {why}"
@@ -350,7 +358,7 @@ def _run_bench(
     mt_enc, mt_heads = trainer.multitask(task_list)
     spec = (s.name, s.quick, s.seed, [t.name for t in task_list], asdict(s.config), train_seed)
     in_workers = prefill_rows(spec, s, trainer, methods, data_names, moe_names, jobs=jobs,
-                              progress=bar)  # fmt: skip
+                              progress=bar, align_names=align_names)  # fmt: skip
     ev = Evaluator(s, trainer)
     base = s.base_state()
     shared = s.shared_params()  # a frozen trunk every model shares: counted once
@@ -386,10 +394,20 @@ def _run_bench(
                     train_seconds=_sum(trainer.timings, "probe:", "finetune:"),
                     **costs({t.name: [ft_states[t.name]] for t in task_list}, ft_heads))  # fmt: skip
 
+    def base_correct() -> dict[str, np.ndarray]:
+        """Each probe on the encoder it was trained on (the base, or the task's own start)."""
+        if s.shared_base:
+            return ev.correct(base, probes, task_list, "test")
+        per: dict[str, np.ndarray] = {}
+        for t in task_list:
+            start = full_state(s, s.start_encoder([t], train_seed).state_dict())
+            per |= ev.correct(start, probes, [t], "test")
+        return per
+
     rows: list[dict[str, Any]] = []
-    with bar("evaluate references", 4) as b:
+    with bar("evaluate references", 4 if s.shared_base else 3) as b:
         rows.append(reference("base", lambda: _row(
-            "base", "reference", correct=ev.correct(base, probes, task_list, "test"),
+            "base", "reference", correct=base_correct(),
             params=enc_params + _n_params([], list(probes.values())), **costs.same(base, probes),
         )))  # fmt: skip
         rows.append(reference("individual", individual))
@@ -400,12 +418,13 @@ def _run_bench(
             train_seconds=trainer.timings.get("multitask"),
             **costs.same(full_state(s, mt_enc), mt_heads),
         )))  # fmt: skip
-        rows.append(reference("ensemble", lambda: _row(
-            "ensemble", "reference",
-            correct=ev.ensemble_correct(list(ft_states.values()), ft_heads, task_list, "test"),
-            params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
-            **costs({t.name: list(ft_states.values()) for t in task_list}, ft_heads),
-        )))  # fmt: skip
+        if s.shared_base:  # a task's head reads only its own network's features otherwise
+            rows.append(reference("ensemble", lambda: _row(
+                "ensemble", "reference",
+                correct=ev.ensemble_correct(list(ft_states.values()), ft_heads, task_list, "test"),
+                params=shared + len(task_list) * top + _n_params([], list(ft_heads.values())),
+                **costs({t.name: list(ft_states.values()) for t in task_list}, ft_heads),
+            )))  # fmt: skip
     rows += _merge_rows(
         s,
         task_list,
@@ -417,6 +436,12 @@ def _run_bench(
         reused=reused,
         costs=costs,
     )
+    rows += align_rows(
+        s, task_list, ev, finetunes, align_names, seed=train_seed, progress=bar, row=_row,
+        row_key=lambda what: _align_key(s, task_list, trainer, what, seed=train_seed),
+        load_row=load_cached_row, save_row=save_row, reused=reused, enc_params=enc_params,
+        costs=costs,
+    )  # fmt: skip
     rows += data_rows(
         s, task_list, ev, finetunes, data_names, seed=train_seed, progress=bar, row=_row,
         row_key=lambda what: _row_key(s, task_list, trainer, what, seed=train_seed),
@@ -490,6 +515,16 @@ def _row_job(spec: tuple[Any, ...], kind: str, name: str) -> str:
     common = dict(seed=c["seed"], progress=bar, costs=c["costs"])
     if kind == "merge":
         _merge_rows(s, tasks, c["ev"], c["finetunes"], [name], **common)
+    elif kind == "align":
+        from .scratch import align_rows
+
+        align_rows(
+            s, tasks, c["ev"], c["finetunes"], [name], row=_row,
+            row_key=lambda what: _align_key(s, tasks, trainer, what, seed=c["seed"]),
+            load_row=load_cached_row, save_row=save_row, reused=[],
+            enc_params=s.shared_params() + sum(v.numel() for v in s.base_state().values()),
+            **common,
+        )  # fmt: skip
     elif kind == "data":
         data_rows(
             s, tasks, c["ev"], c["finetunes"], [name], row=_row,
@@ -513,9 +548,10 @@ def prefill_rows(
     *,
     jobs: int,
     progress: Any,
+    align_names: Sequence[str] = (),
 ) -> set[str]:
-    """With ``jobs > 1``, compute the merge, data-aware and MoE rows missing from the row
-    cache in ``jobs`` processes of one torch thread (rows are independent once the
+    """With ``jobs > 1``, compute the merge, alignment, data-aware and MoE rows missing from
+    the row cache in ``jobs`` processes of one torch thread (rows are independent once the
     fine-tunes are cached; one process of one thread leaves the other cores idle); the
     run then reads them from the cache in its usual order. ``trainer`` has read every
     probe, fine-tune and the multitask model (its keys make the row keys). Returns the
@@ -531,6 +567,9 @@ def prefill_rows(
     for name in list_methods() if methods is None else methods:
         if load_cached_row(_row_key(s, tasks, trainer, f"merge:{name}", seed=seed)) is None:
             todo.append(("merge", name))
+    for name in align_names:
+        if load_cached_row(_align_key(s, tasks, trainer, f"align:{name}", seed=seed)) is None:
+            todo.append(("align", name))
     for name in data_names:
         if load_cached_row(_row_key(s, tasks, trainer, f"merge:{name}", seed=seed)) is None:
             todo.append(("data", name))

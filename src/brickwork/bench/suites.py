@@ -66,6 +66,12 @@ how to batch the inputs.
     ``inverted`` (identity of inverted images), ``mod4`` (digit mod 4). Per class
     200 / 30 / 80 (``mod4``: 400 / 60 / 160, drawn from the same images; its classes 2 and
     3 hold two digits each, about 200 test-bucket images).
+
+``digits-scratch``
+    The ``digits`` tasks and MLP, each task's network trained from scratch from its own
+    initialisation (no shared base), merged naively (``linear``) and after alignment or
+    fusion (``align+linear``, ``align+ties``, ``align_act+linear``, ``ot_fusion``,
+    ``zipit``); see :mod:`brickwork.bench.scratch`.
 """
 
 from __future__ import annotations
@@ -163,6 +169,19 @@ class Suite:
     def new_encoder(self) -> nn.Module:
         """A fresh encoder holding the base weights; ``forward(batch) -> (batch, feature_dim)``."""
         raise NotImplementedError
+
+    #: Whether every model starts from :meth:`base_state` (False: :meth:`start_encoder` draws
+    #: an initialisation per model, and references that assume one base, the ensemble of
+    #: the fine-tunes' heads, are left out).
+    shared_base: bool = True
+    #: Rows run when ``methods`` is None: None for every registered merge method, data-aware
+    #: method and MoE row; a suite without a shared base names its own.
+    default_rows: tuple[str, ...] | None = None
+
+    def start_encoder(self, tasks: Sequence[Task], seed: int) -> nn.Module:
+        """The encoder a model of ``tasks`` starts from (its probe's features, its training),
+        for training seed ``seed``; by default :meth:`new_encoder` (the shared base)."""
+        return self.new_encoder()
 
     def prepare(self, split: D.Split) -> list[Any]:
         """Per-example model inputs (e.g. token ids), computed once per split."""
@@ -473,6 +492,8 @@ class DigitsSuite(Suite):
     name = "digits"
     feature_dim = 128
     pretrain_steps = 400
+    per_class = (200, 30, 80)  # train / val / test examples per class (mod4: twice)
+    quick_per_class = (8, 2, 4)
 
     def __init__(self, *, quick: bool, seed: int, tasks: Sequence[str] | None) -> None:
         self._x: torch.Tensor | None = None
@@ -496,7 +517,7 @@ class DigitsSuite(Suite):
     def build_task(self, name: str) -> Task:
         x, y = self._mnist()
         mult = 2.0 if name == "mod4" else 1.0
-        base = (8, 2, 4) if self.quick else (200, 30, 80)
+        base = self.quick_per_class if self.quick else self.per_class
         per_class = {s: int(n * mult) for s, n in zip(D.SPLITS, base)}
         classes = ("0", "1", "2", "3") if name == "mod4" else tuple(str(d) for d in range(10))
         label_of = (lambda d: str(d % 4)) if name == "mod4" else str
@@ -552,6 +573,15 @@ def _pip_version(dist: str) -> str | None:
 
 
 SUITES: dict[str, type[Suite]] = {"text": TextSuite, "digits": DigitsSuite}
+
+
+def _register_scratch() -> None:
+    from .scratch import DigitsScratchSuite  # defined there: it subclasses DigitsSuite
+
+    SUITES[DigitsScratchSuite.name] = DigitsScratchSuite
+
+
+_register_scratch()
 
 
 def make_suite(

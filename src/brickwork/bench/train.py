@@ -144,7 +144,7 @@ def _train(
     cfg = suite.config
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    enc = suite.new_encoder()
+    enc = suite.start_encoder(tasks, seed)
     enc.train()
     params = []
     for n, p in enc.named_parameters():
@@ -265,7 +265,8 @@ class Trainer:
         key = self._key("probe", [task])
 
         def make() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-            x = features(self.suite, self.suite.new_encoder(), self.prepared(task, "train"))
+            start = self.suite.start_encoder([task], self.seed)
+            x = features(self.suite, start, self.prepared(task, "train"))
             y = torch.tensor(task.splits["train"].labels)
             cfg = self.suite.config
             h = train_probe(
