@@ -12,17 +12,19 @@ from torch import nn
 from brickwork.align.spec import PermutationSpec, apply_permutations, permutation_spec
 from brickwork.errors import AlignError, DataError, unknown_name
 
-_METHODS = ("activation", "weight")
+_METHODS = ("activation", "ot", "weight", "zip")
 
 
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
     *,
-    method: Literal["weight", "activation"] = "weight",
+    method: Literal["weight", "activation", "ot", "zip"] = "weight",
     data: Iterable[Any] | None = None,
     seed: int = 0,
     max_iter: int = 100,
+    solver: str = "emd",
+    reg: float = 0.01,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Permute the hidden units of ``model_b`` onto those of ``model_a``.
 
@@ -33,9 +35,34 @@ def align(
     ``method="weight"`` is Git Re-Basin weight matching (Ainsworth et al. 2023,
     arXiv:2209.04836): data-free coordinate descent, seeded by ``seed``, at most ``max_iter``
     passes. ``method="activation"`` is the same paper's activation matching and needs ``data``,
-    an iterable of calibration batches. Neither input is modified."""
+    an iterable of calibration batches. Neither input is modified.
+
+    ``method="ot"`` is optimal-transport fusion's transport step (Singh & Jaggi 2020,
+    :mod:`brickwork.align.ot_fusion`): B transported onto A's units, which may be fewer or
+    more than B's (same layers, other widths); ``solver="emd"`` or ``"sinkhorn"`` (``reg``),
+    weight-based without ``data``, activation-based with it. The maps are the transport plans
+    ``{group: T (n_b × n_a)}``; with equal widths and EMD, ``n T`` is a permutation matrix and
+    the result computes B's function, otherwise it is an approximation of B at A's widths.
+
+    ``method="zip"`` is ZipIt! (Stoica et al. 2024, :mod:`brickwork.align.zipit`; needs
+    ``data``). Zipping is a merge, not a permutation: the returned module is the *zipped model
+    of A and B* (not a copy of B), and the maps are the merge matrices ``{group: M (n × 2n)}``.
+    For more models, partial zipping or α / β use :func:`brickwork.align.zipit.zipit`."""
     if method not in _METHODS:
         raise unknown_name("alignment method", method, _METHODS)
+    if method == "ot":
+        from brickwork.align.ot_fusion import transport
+
+        return transport(model_a, model_b, data=data, solver=solver, reg=reg)
+    if method == "zip":
+        from brickwork.align.zipit import zip_with_maps
+
+        if data is None:
+            raise DataError(
+                "method='zip' needs calibration data: pass data=[batch, ...] (batches both "
+                "models accept); ZipIt matches features by their correlations on it."
+            )
+        return zip_with_maps([model_a, model_b], data)
     spec = _common_spec(model_a, model_b)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     if method == "weight":

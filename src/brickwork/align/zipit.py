@@ -1,0 +1,293 @@
+"""ZipIt!: merge the features of several models, within and across models, without training.
+
+Stoica, Bolya, Bjorner, Ramesh, Hearn & Hoffman, "ZipIt! Merging Models from Different Tasks
+without Training", ICLR 2024 (arXiv:2305.03053), §4. For each permutation group (hidden layer,
+:func:`~brickwork.align.spec.permutation_spec`) of K models with ``n`` units each:
+
+1. **Features.** Run every model on the calibration batches and concatenate the group's
+   activations (the input of the Linear that consumes it, after the activation function):
+   ``Kn`` features. Their ``Kn × Kn`` correlation matrix holds pairs *within* a model as well
+   as *across* models.
+2. **Greedy zipping** (the paper's Algorithm / §4.3). Repeatedly merge the most correlated
+   pair of features (clusters) until ``n`` remain. A merged cluster's correlation with any
+   other is the minimum of its parts' (complete linkage), multiplied by ``alpha``: ``alpha > 0``
+   lets a feature be merged again (the paper's α), ``alpha <= 0`` forbids it (each cluster is
+   then a pair). ``beta`` is the paper's *same-model budget*: each model may take part in at
+   most ``int(beta · (K−1)n / K)`` merges whose two clusters hold features of that model only
+   (``beta = 0``: only cross-model merges, like a matching). If the budgets and ``alpha`` leave
+   no allowed pair before ``n`` clusters remain, the most correlated remaining pair is merged.
+3. **Merge and unmerge matrices.** ``U`` (``Kn × n``) has ``U[f, c] = 1`` when feature ``f``
+   is in cluster ``c``; ``M = (U diag(1/|c|))ᵀ`` (``n × Kn``) averages each cluster. Clusters
+   are ordered by their first feature (model 0's units first, in model 0's order).
+4. **Weights.** A tensor that produces a group's units (Linear weight rows, bias, norm
+   parameters) is merged as ``Σ_k M_k W_k U_k^prev`` (``M_k``, ``U_k``: model k's block of
+   columns / rows), where ``U_k^prev`` turns the merged features of the previous group back
+   into model k's (``W_next · U``). Per-unit norms are merged like biases (exact for a
+   permuted copy; an approximation otherwise).
+
+**Partial zipping** (``stop_at=k``): only the first ``k`` groups are zipped. Each model keeps
+its own remaining layers; the first of them reads the zipped features through ``U_k``
+(``W_k U_k``), and the result is a :class:`ZippedEnsemble` that averages the K models' outputs.
+It holds K full copies of the architecture whose first ``k`` layers are identical (the shared
+prefix is computed once per member; simple and exact, not the fastest). ``stop_at=0`` is the
+plain output ensemble. ``stop_at=None`` (or the number of groups) zips everything and returns
+one module of the inputs' architecture: the heads (Linear weights that read the last group
+and produce the outputs) and any tensor in no group are averaged, which equals averaging the
+outputs when the model ends in a Linear.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from brickwork.align.ot_fusion import _contract, _f64, _is_input, _units
+from brickwork.align.spec import PermutationSpec
+from brickwork.errors import AlignError, DataError
+
+_EPS = 1e-12
+
+
+class ZippedEnsemble(nn.Module):
+    """K partially zipped models (same architecture, identical zipped prefix): the output is
+    the mean of the members' outputs."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outs = [member(*args, **kwargs) for member in self.members]
+        return torch.stack(outs).mean(0)
+
+
+def match(
+    correlation: torch.Tensor, num_models: int, *, alpha: float = 0.5, beta: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZipIt's greedy matching on a ``(Kn, Kn)`` correlation matrix (model k's features are
+    rows ``k n … (k+1) n − 1``). Returns ``(M, U)``: the merge ``(n, Kn)`` and unmerge
+    ``(Kn, n)`` matrices (see the module docstring)."""
+    total = correlation.shape[0]
+    if correlation.shape != (total, total) or num_models < 1 or total % num_models:
+        raise AlignError(
+            f"ZipIt matching needs a square correlation matrix of {num_models} models' "
+            f"features, got shape {tuple(correlation.shape)}."
+        )
+    n = total // num_models
+    sims = _f64(correlation).numpy().copy()
+    np.fill_diagonal(sims, -np.inf)
+    raw = sims.copy()  # complete linkage without alpha or budgets: the fallback
+    clusters = [[f] for f in range(total)]
+    alive = np.ones(total, dtype=bool)
+    pure = np.arange(total) // n  # the model a cluster's features all come from, or -1
+    budget = np.full(num_models, int(beta * (total - n) / num_models + 1e-9))
+
+    def close(model: int) -> None:  # no more merges within this model
+        sel = np.flatnonzero(alive & (pure == model))
+        sims[np.ix_(sel, sel)] = -np.inf
+
+    for model in range(num_models):
+        if budget[model] <= 0:
+            close(model)
+    for _ in range(total - n):
+        flat = int(np.argmax(sims))
+        i, j = divmod(flat, total)
+        if sims[i, j] == -np.inf:
+            flat = int(np.argmax(raw))
+            i, j = divmod(flat, total)
+        i, j = min(i, j), max(i, j)
+        within = pure[i] == pure[j] and pure[i] >= 0
+        clusters[i] += clusters[j]
+        alive[j] = False
+        row = np.minimum(sims[i], sims[j])
+        row = row * alpha if alpha > 0 else np.full(total, -np.inf)
+        raw_row = np.minimum(raw[i], raw[j])
+        for m, r in ((sims, row), (raw, raw_row)):
+            m[i, :], m[:, i] = r, r
+            m[j, :], m[:, j] = -np.inf, -np.inf
+            m[i, i] = -np.inf
+        pure[i] = pure[i] if pure[i] == pure[j] else -1
+        pure[j] = -2
+        if within:
+            budget[pure[i]] -= 1
+            if budget[pure[i]] <= 0:
+                close(pure[i])
+    kept = np.flatnonzero(alive)  # ordered by first feature: a cluster keeps its smallest index
+    unmerge = torch.zeros(total, len(kept), dtype=torch.float64)
+    for c, index in enumerate(kept):
+        unmerge[clusters[index], c] = 1.0
+    merge = (unmerge / unmerge.sum(0, keepdim=True)).T
+    return merge, unmerge
+
+
+def _correlations(
+    models: Sequence[nn.Module], spec: PermutationSpec, data: Iterable[Any]
+) -> dict[str, torch.Tensor]:
+    """``{group: (Kn, Kn) correlation of every model's features}`` on the batches."""
+    from brickwork.align.activation_matching import _collect
+
+    sums: dict[str, list] = {g.name: [0, 0.0, 0.0] for g in spec.groups}  # n, Σz, Σ zzᵀ
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad():
+            for batch in data:
+                seen = [_collect(model, spec, batch) for model in models]
+                for group in spec.groups:
+                    member = next(m for m in group.members if _is_input(group, m))
+                    feats = []
+                    for model, z in zip(models, seen):
+                        consumer = dict(model.named_modules())[group.consumers[0]]
+                        feats.append(_units(z[group.name], consumer, member, group.size))
+                    f = torch.cat(feats, 1)  # (examples, K * units)
+                    s = sums[group.name]
+                    s[0] += f.shape[0]
+                    s[1] = s[1] + f.sum(0)
+                    s[2] = s[2] + f.T @ f
+    finally:
+        for module, training in flags:
+            module.training = training
+    if spec.groups and min(s[0] for s in sums.values()) < 2:
+        raise DataError(
+            "ZipIt needs calibration data with at least 2 examples; pass data=[batch, ...] "
+            "(batches every model accepts)."
+        )
+    out = {}
+    for name, (count, total, outer) in sums.items():
+        mean = total / count
+        cov = outer / count - torch.outer(mean, mean)
+        std = cov.diagonal().clamp_min(0).sqrt()
+        out[name] = cov / (torch.outer(std, std) + _EPS)
+    return out
+
+
+def _zip_states(
+    sds: list[dict[str, torch.Tensor]],
+    spec: PermutationSpec,
+    mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> list[dict[str, torch.Tensor]]:
+    """One state dict per model: zipped tensors merged (the same in every one), tensors that
+    read zipped features ``W_k U_k``, the rest model k's own."""
+    k_models = len(sds)
+    moves = spec.members_of()
+    out: list[dict[str, torch.Tensor]] = [{} for _ in sds]
+    for name, ref in sds[0].items():
+        zipped = [(g, m) for g, m in moves.get(name, []) if g.name in mats]
+        producing = [(g, m) for g, m in zipped if not _is_input(g, m)]
+        if not zipped or not ref.is_floating_point():
+            for k, sd in enumerate(sds):
+                out[k][name] = sd[name].detach().clone()
+            continue
+        if len(producing) > 1:
+            raise AlignError(
+                f"tensor '{name}' produces the units of {len(producing)} groups "
+                f"({[g.name for g, _ in producing]}); ZipIt merges one produced axis per tensor."
+            )
+        per_model = []
+        for k, sd in enumerate(sds):
+            t = _f64(sd[name])
+            for group, member in zipped:
+                merge, unmerge = mats[group.name]
+                n = group.size
+                if _is_input(group, member):
+                    t = _contract(t, member, n, unmerge[k * n : (k + 1) * n])  # W_k U_k
+                else:
+                    t = _contract(t, member, n, merge[:, k * n : (k + 1) * n].T)  # M_k W_k
+            per_model.append(t)
+        if producing:
+            merged = sum(per_model).to(ref.dtype)
+            for k in range(k_models):
+                out[k][name] = merged.clone()
+        else:
+            for k in range(k_models):
+                out[k][name] = per_model[k].to(ref.dtype)
+    return out
+
+
+def _check_models(models: Sequence[nn.Module]) -> PermutationSpec:
+    from brickwork.align.api import _common_spec
+
+    if len(models) < 2:
+        raise AlignError(f"zipit needs at least 2 models; got {len(models)}.")
+    if not all(isinstance(m, nn.Module) for m in models):
+        raise AlignError(
+            f"zipit takes a sequence of torch nn.Module; got {[type(m).__name__ for m in models]}."
+        )
+    spec = _common_spec(models[0], models[1])
+    for other in models[2:]:
+        _common_spec(models[0], other)
+    nested = [g.name for g in spec.groups if getattr(g, "parent", None) is not None]
+    if nested:
+        raise AlignError(f"zipit does not support nested permutation groups ({nested}).")
+    return spec
+
+
+def zip_with_maps(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    *,
+    stop_at: int | None = None,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """:func:`zipit` that also returns the merge matrices ``{group: M (n × Kn)}`` of the zipped
+    groups."""
+    models = list(models)
+    spec = _check_models(models)
+    groups = [g.name for g in spec.groups]
+    if stop_at is not None and not 0 <= stop_at <= len(groups):
+        raise AlignError(
+            f"stop_at={stop_at} is out of range: the models have {len(groups)} hidden-unit "
+            f"groups ({groups}); pass 0 … {len(groups)} (the number of groups to zip) or None."
+        )
+    if data is None:
+        raise DataError("zipit needs calibration data: pass data=[batch, ...].")
+    depth = len(groups) if stop_at is None else stop_at
+    zipped = spec.groups[:depth]
+    mats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if zipped:
+        corr = _correlations(models, PermutationSpec(tuple(zipped)), data)
+        mats = {g.name: match(corr[g.name], len(models), alpha=alpha, beta=beta) for g in zipped}
+    states = _zip_states([m.state_dict() for m in models], spec, mats)
+    merges = {name: m.to(torch.float32) for name, (m, _) in mats.items()}
+    if depth == len(groups):
+        head = {}
+        for name, ref in states[0].items():
+            if ref.is_floating_point():
+                head[name] = (sum(_f64(s[name]) for s in states) / len(states)).to(ref.dtype)
+            else:
+                head[name] = ref
+        out = copy.deepcopy(models[0])
+        out.load_state_dict(head)
+        return out, merges
+    members = []
+    for model, state in zip(models, states):
+        member = copy.deepcopy(model)
+        member.load_state_dict(state)
+        members.append(member)
+    return ZippedEnsemble(members), merges
+
+
+def zipit(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    *,
+    stop_at: int | None = None,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+) -> nn.Module:
+    """Zip ``models`` (at least 2, one architecture and width) into one network (ZipIt!, see
+    the module docstring). ``data``: calibration batches (``model(batch)``, a tuple as
+    ``model(*batch)``, a dict as ``model(**batch)``). ``stop_at``: zip only the first
+    ``stop_at`` hidden-unit groups and average the outputs of the models' own remaining
+    layers (a :class:`ZippedEnsemble`); None zips every group and returns a module of the
+    inputs' architecture. ``alpha``: the factor on a merged feature's correlations (repeat
+    merges; ``<= 0`` forbids them); ``beta``: the same-model merge budget. Returns a new module;
+    no input is modified."""
+    return zip_with_maps(models, data, stop_at=stop_at, alpha=alpha, beta=beta)[0]
