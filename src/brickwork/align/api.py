@@ -12,7 +12,8 @@ from torch import nn
 from brickwork.align.spec import PermutationSpec, apply_permutations, permutation_spec
 from brickwork.errors import AlignError, DataError, unknown_name
 
-_METHODS = ("activation", "ot", "weight", "zip")
+_METHODS = ("activation", "weight")  # permutations: B's function, LongTensor maps
+_OTHER_METHODS = ("ot", "zip")  # transport / merge: float maps (see the docstring)
 
 
 def align(
@@ -48,8 +49,8 @@ def align(
     ``data``). Zipping is a merge, not a permutation: the returned module is the *zipped model
     of A and B* (not a copy of B), and the maps are the merge matrices ``{group: M (n × 2n)}``.
     For more models, partial zipping or α / β use :func:`brickwork.align.zipit.zipit`."""
-    if method not in _METHODS:
-        raise unknown_name("alignment method", method, _METHODS)
+    if method not in _METHODS + _OTHER_METHODS:
+        raise unknown_name("alignment method", method, sorted(_METHODS + _OTHER_METHODS))
     if method == "ot":
         from brickwork.align.ot_fusion import transport
 
