@@ -28,6 +28,8 @@ _EXPORTS = {
     "Member": "brickwork.align.spec",
     "apply_permutations": "brickwork.align.spec",
     "permutation_spec": "brickwork.align.spec",
+    "repair": "brickwork.align.repair",
+    "reset_bn_stats": "brickwork.align.repair",
 }
 
 __all__ = sorted(_EXPORTS)

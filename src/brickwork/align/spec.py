@@ -120,6 +120,9 @@ class PermutationGroup:
     size: int
     members: tuple[Member, ...]
     consumers: tuple[str, ...]
+    # the modules whose outputs are the group's pre-activations, one per Linear / Conv that
+    # writes the units: that module, or the norm right after it when there is one (REPAIR)
+    producers: tuple[str, ...] = ()
     parent: str | None = None
 
 
@@ -169,6 +172,7 @@ class _Open:
         self.size = size
         self.members = members
         self.consumers: list[str] = []
+        self.producers: list[str] = [name]
         self.reaches_output = False
 
 
@@ -245,6 +249,7 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
                 group = carried[0] if carried else None
                 if group is not None:
                     _add_norm(node, module, norm, group)
+                    _norm_after_producer(node, module, group)
                 state[node] = group
                 continue
         elif _is_elementwise_call(node):
@@ -267,8 +272,26 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
 
     kept = [g for g in groups if g.consumers and not g.reaches_output]
     return PermutationSpec(
-        tuple(PermutationGroup(g.name, g.size, tuple(g.members), tuple(g.consumers)) for g in kept)
+        tuple(
+            PermutationGroup(
+                g.name, g.size, tuple(g.members), tuple(g.consumers), tuple(g.producers)
+            )
+            for g in kept
+        )
     )
+
+
+def _norm_after_producer(node: torch.fx.Node, module: nn.Module, group: _Open) -> None:
+    """A norm with a per-unit affine that directly (and only) reads a producer's output
+    becomes the group's producer in its place: REPAIR corrects the statistics after it."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node) or source.op != "call_module":
+        return
+    affine = (
+        getattr(module, "weight", None) is not None and getattr(module, "bias", None) is not None
+    )
+    if affine and source.target in group.producers and len(source.users) == 1:
+        group.producers[group.producers.index(source.target)] = node.target
 
 
 def _add_norm(node: torch.fx.Node, module: nn.Module, tensors: tuple[str, ...], group: _Open):
