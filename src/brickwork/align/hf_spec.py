@@ -140,7 +140,9 @@ def _head_groups(
             members = _rows(layer.q, block=d, offset=q_off + first_q) + _cols(
                 layer.o, block=d, offset=first_q
             )
-            out.append(PermutationGroup(f"{at}.q", g, tuple(members), (layer.o.module,), parent))
+            out.append(
+                PermutationGroup(f"{at}.q", g, tuple(members), (layer.o.module,), parent=parent)
+            )
         if not within_head:
             continue
         if not layout.rope:
@@ -148,11 +150,13 @@ def _head_groups(
                 m for j in range(g) for m in _rows(layer.q, offset=q_off + first_q + j * d)
             ] + _rows(layer.k, offset=k_off + kv * d)
             consumers = tuple(dict.fromkeys((layer.q.module, layer.k.module)))
-            out.append(PermutationGroup(f"{at}.qk", d, tuple(members), consumers, parent))
+            out.append(PermutationGroup(f"{at}.qk", d, tuple(members), consumers, parent=parent))
         members = _rows(layer.v, offset=v_off + kv * d) + [
             m for j in range(g) for m in _cols(layer.o, offset=first_q + j * d)
         ]
-        out.append(PermutationGroup(f"{at}.vo", d, tuple(members), (layer.o.module,), parent))
+        out.append(
+            PermutationGroup(f"{at}.vo", d, tuple(members), (layer.o.module,), parent=parent)
+        )
     return out
 
 
