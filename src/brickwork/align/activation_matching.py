@@ -9,9 +9,15 @@ each group's hidden activations Z_a, Z_b (n examples × d units), and for each g
 with ``linear_sum_assignment`` on the (d × d) correlation matrix. The groups are independent,
 so there is one assignment per group and no iteration.
 
-The activations are read by a forward pre-hook on the Linear that *consumes* the group: its
-input is the output of the layer that produced the units, after the activation function (and
-any norm). Both models are run in eval mode under ``torch.no_grad``, and their train/eval
+The activations are read by a forward pre-hook on every module that *consumes* the group (a
+Linear or a conv): its input is the output of the layer that produced the units, after the
+activation function (and any norm). A Linear's input is read as ``(examples, features)`` over
+every dim but the last; a conv's as ``(N * H * W, C)`` (every position an example). Where a
+unit spans ``block`` consecutive features (a flattened conv channel, a GroupNorm group) the
+unit-to-unit similarity is the sum of the correlations of corresponding features,
+``Σ_r corr(a[i * block + r], b[j * block + r])``. A group read by several consumers (a residual
+stream: every block's first conv and downsample shortcut, the head) gets the mean of their
+similarity matrices. Both models are run in eval mode under ``torch.no_grad``, and their train/eval
 flags are restored afterwards, so neither is modified.
 
 Units that are constant on the calibration data (e.g. dead ReLUs) have no correlation with
@@ -72,23 +78,49 @@ def _call(model: nn.Module, batch: Any) -> None:
         model(batch)
 
 
-def _collect(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[str, torch.Tensor]:
+def _read(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A consumer's input as ``(examples, features)``."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        x = x.movedim(1, -1)  # (N, ..., C): every position is an example
+    return x.reshape(-1, x.shape[-1])
+
+
+def _collect(
+    model: nn.Module, spec: PermutationSpec, batch: Any
+) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(group, consumer): its input as (examples, features)}`` for one batch."""
     modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[str, str], torch.Tensor] = {}
     handles = []
     for group in spec.groups:
-        consumer = modules[group.consumers[0]]
+        for consumer in group.consumers:
+            module = modules[consumer]
 
-        def hook(_module, args, _name=group.name):
-            seen.setdefault(_name, args[0])
+            def hook(module, args, _key=(group.name, consumer)):
+                seen.setdefault(_key, _read(module, args[0]))
 
-        handles.append(consumer.register_forward_pre_hook(hook))
+            handles.append(module.register_forward_pre_hook(hook))
     try:
         _call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
     return seen
+
+
+def _block(spec: PermutationSpec, group: str, consumer: str) -> int:
+    for member in spec[group].members:
+        if member.tensor == f"{consumer}.weight" and member.axis == 1:
+            return member.block
+    return 1
+
+
+def _similarity(corr: torch.Tensor, size: int, block: int) -> torch.Tensor:
+    """(size * block)² feature correlations -> (size, size) unit similarity: the sum over
+    ``r`` of corr[i * block + r, j * block + r]."""
+    if block == 1:
+        return corr
+    return corr.view(size, block, size, block).diagonal(dim1=1, dim2=3).sum(-1)
 
 
 def activation_matching(
@@ -101,7 +133,11 @@ def activation_matching(
 
     ``data`` is an iterable of batches; a batch is passed as ``model(batch)``, a tuple/list as
     ``model(*batch)`` and a dict as ``model(**batch)``."""
-    moments = {g.name: _Moments(g.size) for g in spec.groups}
+    moments = {
+        (g.name, c): _Moments(g.size * _block(spec, g.name, c))
+        for g in spec.groups
+        for c in g.consumers
+    }
     flags = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
     model_a.eval()
     model_b.eval()
@@ -110,8 +146,8 @@ def activation_matching(
             for batch in data:
                 z_a = _collect(model_a, spec, batch)
                 z_b = _collect(model_b, spec, batch)
-                for name, m in moments.items():
-                    m.add(z_a[name], z_b[name])
+                for key, m in moments.items():
+                    m.add(z_a[key], z_b[key])
     finally:
         for module, training in flags:
             module.training = training
@@ -122,4 +158,11 @@ def activation_matching(
             "activation matching needs calibration data with at least 2 examples; "
             f"got {min(m.n for m in moments.values())}. Pass data=[batch, ...]."
         )
-    return {name: linear_assignment(m.correlation()) for name, m in moments.items()}
+    perms = {}
+    for g in spec.groups:
+        sims = [
+            _similarity(moments[g.name, c].correlation(), g.size, _block(spec, g.name, c))
+            for c in g.consumers
+        ]
+        perms[g.name] = linear_assignment(torch.stack(sims).mean(0))
+    return perms
