@@ -141,6 +141,34 @@ def _units(z: torch.Tensor, module: nn.Module, member: Member, size: int) -> tor
     )
 
 
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _collect(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[str, torch.Tensor]:
+    """``{group: the input of its first consumer}`` for one batch (forward pre-hooks)."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for group in spec.groups:
+
+        def hook(_module, args, _name=group.name):
+            seen.setdefault(_name, args[0])
+
+        handles.append(modules[group.consumers[0]].register_forward_pre_hook(hook))
+    try:
+        _call(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 def _activation_costs(
     spec_a: PermutationSpec,
     spec_b: PermutationSpec,
@@ -149,8 +177,6 @@ def _activation_costs(
     data: Iterable[Any],
 ) -> dict[str, torch.Tensor]:
     """``{group: (n_b, n_a) mean squared distance of the units' activations}``."""
-    from brickwork.align.activation_matching import _collect
-
     sums = {g.name: [0, 0.0, 0.0, 0.0] for g in spec_a.groups}  # n, |a|², |b|², b·a
     mods = {id(m): dict(m.named_modules()) for m in (model_a, model_b)}
     flags = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]

@@ -10,9 +10,10 @@ without Training", ICLR 2024 (arXiv:2305.03053), §4. For each permutation group
    as *across* models.
 2. **Greedy zipping** (the paper's Algorithm / §4.3). Repeatedly merge the most correlated
    pair of features (clusters) until ``n`` remain. A merged cluster's correlation with any
-   other is the minimum of its parts' (complete linkage), multiplied by ``alpha``: ``alpha > 0``
-   lets a feature be merged again (the paper's α), ``alpha <= 0`` forbids it (each cluster is
-   then a pair). ``beta`` is the paper's *same-model budget*: each model may take part in at
+   other is the minimum of its parts' (complete linkage); a pair is scored by that correlation
+   times ``alpha ** m`` for the ``m`` merges its two clusters went through: ``alpha > 0`` lets
+   a feature be merged again at a discount (the paper's α), ``alpha <= 0`` forbids it (each
+   cluster is then a pair). ``beta`` is the paper's *same-model budget*: each model may take part in at
    most ``int(beta · (K−1)n / K)`` merges whose two clusters hold features of that model only
    (``beta = 0``: only cross-model merges, like a matching). If the budgets and ``alpha`` leave
    no allowed pair before ``n`` clusters remain, the most correlated remaining pair is merged.
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brickwork.align.ot_fusion import _contract, _f64, _is_input, _units
+from brickwork.align.ot_fusion import _collect, _contract, _f64, _is_input, _units
 from brickwork.align.spec import PermutationSpec
 from brickwork.errors import AlignError, DataError
 
@@ -79,44 +80,37 @@ def match(
             f"features, got shape {tuple(correlation.shape)}."
         )
     n = total // num_models
-    sims = _f64(correlation).numpy().copy()
-    np.fill_diagonal(sims, -np.inf)
-    raw = sims.copy()  # complete linkage without alpha or budgets: the fallback
+    raw = _f64(correlation).numpy().copy()  # complete linkage between the clusters
+    np.fill_diagonal(raw, -np.inf)
     clusters = [[f] for f in range(total)]
     alive = np.ones(total, dtype=bool)
-    pure = np.arange(total) // n  # the model a cluster's features all come from, or -1
+    merges = np.zeros(total)  # merges each cluster went through
+    pure = np.arange(total) // n  # the model all of a cluster's features come from, or -1
     budget = np.full(num_models, int(beta * (total - n) / num_models + 1e-9))
-
-    def close(model: int) -> None:  # no more merges within this model
-        sel = np.flatnonzero(alive & (pure == model))
-        sims[np.ix_(sel, sel)] = -np.inf
-
-    for model in range(num_models):
-        if budget[model] <= 0:
-            close(model)
     for _ in range(total - n):
-        flat = int(np.argmax(sims))
-        i, j = divmod(flat, total)
-        if sims[i, j] == -np.inf:
-            flat = int(np.argmax(raw))
-            i, j = divmod(flat, total)
+        if alpha > 0:
+            scale = alpha**merges
+            sims = raw * scale[:, None] * scale[None, :]
+        else:  # a merged cluster is final
+            sims = np.where((merges[:, None] > 0) | (merges[None, :] > 0), -np.inf, raw)
+        for model in np.flatnonzero(budget <= 0):  # no merges within this model any more
+            sel = pure == model
+            sims[sel[:, None] & sel[None, :]] = -np.inf
+        i, j = divmod(int(np.argmax(sims)), total)
+        if sims[i, j] == -np.inf:  # budgets and alpha allow nothing: the best remaining pair
+            i, j = divmod(int(np.argmax(raw)), total)
         i, j = min(i, j), max(i, j)
-        within = pure[i] == pure[j] and pure[i] >= 0
+        if pure[i] == pure[j] and pure[i] >= 0:
+            budget[pure[i]] -= 1
         clusters[i] += clusters[j]
         alive[j] = False
-        row = np.minimum(sims[i], sims[j])
-        row = row * alpha if alpha > 0 else np.full(total, -np.inf)
-        raw_row = np.minimum(raw[i], raw[j])
-        for m, r in ((sims, row), (raw, raw_row)):
-            m[i, :], m[:, i] = r, r
-            m[j, :], m[:, j] = -np.inf, -np.inf
-            m[i, i] = -np.inf
+        merges[i] += merges[j] + 1
+        row = np.minimum(raw[i], raw[j])
+        raw[i, :], raw[:, i] = row, row
+        raw[j, :], raw[:, j] = -np.inf, -np.inf
+        raw[i, i] = -np.inf
         pure[i] = pure[i] if pure[i] == pure[j] else -1
         pure[j] = -2
-        if within:
-            budget[pure[i]] -= 1
-            if budget[pure[i]] <= 0:
-                close(pure[i])
     kept = np.flatnonzero(alive)  # ordered by first feature: a cluster keeps its smallest index
     unmerge = torch.zeros(total, len(kept), dtype=torch.float64)
     for c, index in enumerate(kept):
@@ -129,8 +123,6 @@ def _correlations(
     models: Sequence[nn.Module], spec: PermutationSpec, data: Iterable[Any]
 ) -> dict[str, torch.Tensor]:
     """``{group: (Kn, Kn) correlation of every model's features}`` on the batches."""
-    from brickwork.align.activation_matching import _collect
-
     sums: dict[str, list] = {g.name: [0, 0.0, 0.0] for g in spec.groups}  # n, Σz, Σ zzᵀ
     flags = [(m, m.training) for model in models for m in model.modules()]
     for model in models:
