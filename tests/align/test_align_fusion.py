@@ -370,3 +370,57 @@ def test_hungarian_reference_is_scipy():
     # guard for the reference above: scipy's solver minimises by default
     cost = np.array([[0.0, 1.0], [1.0, 0.0]])
     assert list(linear_sum_assignment(cost)[1]) == [0, 1]
+
+
+# ------------------------------------------------------------- CNN with BatchNorm, residual
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class _ResNet(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(_Block(c), _Block(c))
+        self.fc = nn.Linear(c * 2 * 2, 5)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def _resnet(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = _ResNet().double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("with_data", [False, True], ids=["weight", "activation"])
+def test_ot_and_zipit_on_a_residual_cnn_permuted_copy(with_data):
+    model = _resnet(0)
+    spec = permutation_spec(model)
+    assert len(spec.groups) == 3  # the residual stream and each block's inner channels
+    permuted, _ = _permuted_copy(model, seed=4)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    moved, _ = brickwork.align(model, permuted, method="ot", data=data if with_data else None)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(moved.state_dict()[key], value, atol=1e-12, rtol=0)
+    zipped = zipit([model, permuted], data)
+    torch.testing.assert_close(_out(zipped, data[0]), _out(model, data[0]), atol=1e-5, rtol=0)
+    fused = ot_fusion([model, _resnet(1)], data=data)
+    assert torch.isfinite(_out(fused, data[0])).all()

@@ -8,7 +8,9 @@ permutation_spec`), the units of the source model B are transported onto those o
    rows and bias, the norms over its units) has its *other* axes, those of earlier groups,
    transported already: ``Ŵ_b = W_b T̂_prev`` (input axis of B's units → A's units).
 2. **Ground cost** ``C[j, i]`` between B's unit ``j`` and A's unit ``i``: the squared Euclidean
-   distance of their aligned incoming weights (weight-based, no data), or of their activations
+   distance of their aligned incoming weights (weight-based, no data; a producing tensor that
+   also reads a group solved later, as the blocks writing into a residual stream do, is left
+   out of the cost), or of their activations
    on the calibration batches (activation-based, ``data=``; the activation of a unit is the
    input of the Linear that consumes it, after the activation function). ``C`` is divided by
    its largest entry, so Sinkhorn's ``reg`` is relative to the largest cost.
@@ -221,26 +223,30 @@ def _weight_cost(
     g_a, g_b = spec_a[name], spec_b[name]
     moves_b = spec_b.members_of()
     cost = torch.zeros(g_b.size, g_a.size, dtype=torch.float64)
+    used = 0
     for member in g_a.members:
         if _is_input(g_a, member):
             continue
+        others = [(o, m) for o, m in moves_b[member.tensor] if o.name != name]
+        if any(o.name not in maps.out for o, _ in others):
+            continue  # indexes a group not solved yet (a residual stream's later blocks)
         w_b = _f64(sd_b[member.tensor])
-        for other, m in moves_b[member.tensor]:
-            if other.name == name:
-                continue
-            if other.name not in maps.out:
-                raise AlignError(
-                    f"OT fusion visits groups in order, but tensor '{member.tensor}' of group "
-                    f"'{name}' also indexes group '{other.name}', which comes later."
-                )
+        for other, m in others:
             table = maps.inp if _is_input(other, m) else maps.out
             w_b = _contract(w_b, m, other.size, table[other.name])
+        used += 1
         rows_a = _unit_view(_f64(sd_a[member.tensor]), member, g_a.size)  # (n_a, rest)
         rows_b = _unit_view(w_b, member, g_b.size)  # (n_b, rest)
         cost += (
             (rows_b * rows_b).sum(1, keepdim=True)
             + (rows_a * rows_a).sum(1)
             - 2 * (rows_b @ rows_a.T)
+        )
+    if not used:
+        raise AlignError(
+            f"weight-based OT fusion cannot compare the units of group '{name}': every tensor "
+            "that produces them also reads a group that is solved later. Pass data= for "
+            "activation-based OT."
         )
     return cost.clamp_min(0)
 
