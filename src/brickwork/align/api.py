@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -26,6 +27,10 @@ def align(
     max_iter: int = 100,
     solver: str = "emd",
     reg: float = 0.01,
+    spec: PermutationSpec | None = None,
+    heads: bool = True,
+    within_head: bool = True,
+    residual: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Permute the hidden units of ``model_b`` onto those of ``model_a``.
 
@@ -48,7 +53,11 @@ def align(
     ``method="zip"`` is ZipIt! (Stoica et al. 2024, :mod:`brickwork.align.zipit`; needs
     ``data``). Zipping is a merge, not a permutation: the returned module is the *zipped model
     of A and B* (not a copy of B), and the maps are the merge matrices ``{group: M (n × 2n)}``.
-    For more models, partial zipping or α / β use :func:`brickwork.align.zipit.zipit`."""
+    For more models, partial zipping or α / β use :func:`brickwork.align.zipit.zipit`.
+
+    Hugging Face ``PreTrainedModel``s (BERT, GPT-2, Llama, Mistral, Qwen2), which torch.fx
+    cannot trace, get :func:`brickwork.align.hf_spec.hf_permutation_spec` with ``heads``,
+    ``within_head`` and ``residual`` passed through; ``spec=`` overrides either derivation."""
     if method not in _METHODS + _OTHER_METHODS:
         raise unknown_name("alignment method", method, sorted(_METHODS + _OTHER_METHODS))
     if method == "ot":
@@ -64,7 +73,8 @@ def align(
                 "models accept); ZipIt matches features by their correlations on it."
             )
         return zip_with_maps([model_a, model_b], data)
-    spec = _common_spec(model_a, model_b)
+    options = {"heads": heads, "within_head": within_head, "residual": residual}
+    spec = _common_spec(model_a, model_b, spec, options)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     if method == "weight":
         from brickwork.align.weight_matching import weight_matching
@@ -78,14 +88,47 @@ def align(
             )
         from brickwork.align.activation_matching import activation_matching
 
-        perms = activation_matching(spec, model_a, model_b, data)
+        if _is_hf(model_b) or _nested_or_blocked(spec):
+            from brickwork.align.hf_activation import feature_matching
+
+            perms = feature_matching(spec, model_a, model_b, data)
+        else:
+            perms = activation_matching(spec, model_a, model_b, data)
     aligned = copy.deepcopy(model_b)
     aligned.load_state_dict(apply_permutations(sd_b, spec, perms))
     return aligned, perms
 
 
-def _common_spec(model_a: nn.Module, model_b: nn.Module) -> PermutationSpec:
-    spec_a, spec_b = permutation_spec(model_a), permutation_spec(model_b)
+def _is_hf(model: nn.Module) -> bool:
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def _nested_or_blocked(spec: PermutationSpec) -> bool:
+    return any(g.parent or any(m.block > 1 for m in g.members) for g in spec.groups)
+
+
+def _derive_spec(model: nn.Module, options: dict[str, bool]) -> PermutationSpec:
+    if _is_hf(model):
+        from brickwork.align.hf_spec import hf_permutation_spec
+
+        return hf_permutation_spec(model.config, model.state_dict().keys(), **options)
+    return permutation_spec(model)
+
+
+def _common_spec(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec | None = None,
+    options: dict[str, bool] | None = None,
+) -> PermutationSpec:
+    if spec is not None:
+        spec_a = spec_b = spec
+    else:
+        spec_a, spec_b = _derive_spec(model_a, options or {}), _derive_spec(model_b, options or {})
     if spec_a != spec_b:
         raise AlignError(
             "models A and B have different permutation groups: A has "
