@@ -18,7 +18,7 @@ def bench(
         "--suite",
         help="Suite: text (default), digits, lm, or digits-scratch (the digits networks trained "
         "from scratch from different initialisations; rows: naive linear and aligned or fused "
-        "merges: align+linear, align+ties, align_act+linear, ot_fusion, zipit).",
+        "merges: align+linear, align+ties, align_act+linear, ot_fusion, ot_fusion_act, zipit).",
     ),
     out: Path | None = typer.Option(
         None, "--out", help="Output directory (default: bench-results/SUITE-DATE)."
@@ -30,8 +30,8 @@ def bench(
         "--methods",
         help="Comma-separated merge methods, MoE rows (moe_task, moe_train, moefy_top4of8, "
         "moefy_top2of8) and alignment rows (align+linear, align+ties, align_act+linear, "
-        "ot_fusion, zipit); default: all but the alignment rows (digits-scratch: linear and "
-        "the alignment rows).",
+        "ot_fusion, ot_fusion_act, zipit); default: all but the alignment rows "
+        "(digits-scratch: linear and the alignment rows).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of splits, training and merges."),
     seeds: str | None = typer.Option(

@@ -27,8 +27,11 @@
     Rows (:data:`ALIGN_ROWS`; with ``linear``, the naive average of the unaligned models):
     ``align+linear`` (Git Re-Basin weight matching of every model onto model 0 with
     :func:`brickwork.align`, then the average), ``align+ties``, ``align_act+linear``
-    (activation matching on training inputs), ``ot_fusion`` (:mod:`brickwork.align.ot_fusion`,
-    Singh & Jaggi 2020) and ``zipit`` (:mod:`brickwork.align.zipit`, Stoica et al. 2024).
+    (activation matching on training inputs), ``ot_fusion`` and ``ot_fusion_act``
+    (:mod:`brickwork.align.ot_fusion`, Singh & Jaggi 2020: every model transported onto
+    model 0 with a weight-based or an activation-based cost, EMD or Sinkhorn chosen on
+    validation, then averaged) and ``zipit`` (:mod:`brickwork.align.zipit`, Stoica et al.
+    2024: every layer zipped, alpha 0.5, the same-model budget beta chosen on validation).
     Alignment and fusion see only the tasks' *training* inputs
     (:func:`alignment_batches`); hyperparameters are chosen on validation and test is
     read once, as for every other row.
@@ -51,14 +54,21 @@ import torch
 from torch import nn
 
 from ..errors import BrickworkError
-from .suites import DigitsSuite, MLPEncoder, Task, TrainConfig
+from .suites import SUITES, DigitsSuite, MLPEncoder, Task, TrainConfig
 
 if TYPE_CHECKING:  # suites.py imports this module to register the suite: no cycle at runtime
     from .evaluate import Evaluator
     from .train import Trainer
 
 #: The rows of this module, in the order they run.
-ALIGN_ROWS = ("align+linear", "align+ties", "align_act+linear", "ot_fusion", "zipit")
+ALIGN_ROWS = ("align+linear", "align+ties", "align_act+linear", "ot_fusion", "ot_fusion_act",
+              "zipit")  # fmt: skip
+#: Hyperparameters chosen on validation (``align+ties``: the registered ``ties`` method's).
+SPACES: dict[str, dict[str, list[Any]]] = {
+    "ot_fusion": {"solver": ["emd", "sinkhorn"]},
+    "ot_fusion_act": {"solver": ["emd", "sinkhorn"]},
+    "zipit": {"beta": [0.0, 0.5, 1.0]},  # alpha: the paper's 0.5
+}
 #: Training inputs per task that alignment and fusion see (``--quick``: 64).
 ALIGN_EXAMPLES = 512
 ALIGN_BATCH = 128
@@ -238,14 +248,17 @@ def _plan(
             return merge_state_dicts("ties", encs, base=base, parameters=p, seed=seed), heads
 
         return dict(get_method("ties").search_space), ties
-    if name == "ot_fusion":
+    if name in ("ot_fusion", "ot_fusion_act"):
         from ..align.ot_fusion import ot_fusion
 
-        return {}, lambda p: _fused(lambda: ot_fusion(models, target=0, **p), tasks)
+        cal = data if name == "ot_fusion_act" else None  # activation cost on training inputs
+        return SPACES[name], lambda p: _fused(
+            lambda: ot_fusion(models, target=0, data=cal, **p), tasks
+        )
     if name == "zipit":
         from ..align.zipit import zipit
 
-        return {}, lambda p: _fused(lambda: zipit(models, data, **p), tasks)
+        return SPACES[name], lambda p: _fused(lambda: zipit(models, data, **p), tasks)
     raise BrickworkError(f"unknown alignment row '{name}'; known: {', '.join(ALIGN_ROWS)}")
 
 
@@ -339,7 +352,7 @@ def _compute(
     def score_val(st: dict[str, torch.Tensor]) -> dict[str, float]:
         return ev.accuracy(st, merged[id(st)][1], tasks, "val")
 
-    combos = grid(space, cap=2 if suite.quick else MAX_COMBOS)
+    combos = grid(space, cap=1 if suite.quick else MAX_COMBOS)  # quick: the first only
     sel = select_hyperparameters(combos, state_of, score_val, errors=(BrickworkError,))
     if sel.params is None or sel.state is None:
         return row(name, "merge", status="skipped", reason=sel.error, seconds=secs())
@@ -363,3 +376,6 @@ def split_align_rows(methods: Sequence[str] | None) -> tuple[list[str] | None, l
 def _adv(bar: Any) -> None:
     if bar is not None:
         bar.advance()
+
+
+SUITES[DigitsScratchSuite.name] = DigitsScratchSuite

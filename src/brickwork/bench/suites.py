@@ -71,12 +71,13 @@ how to batch the inputs.
     The ``digits`` tasks and MLP, each task's network trained from scratch from its own
     initialisation (no shared base), merged naively (``linear``) and after alignment or
     fusion (``align+linear``, ``align+ties``, ``align_act+linear``, ``ot_fusion``,
-    ``zipit``); see :mod:`brickwork.bench.scratch`.
+    ``ot_fusion_act``, ``zipit``); see :mod:`brickwork.bench.scratch`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -510,8 +511,7 @@ class DigitsSuite(Suite):
 
     def _mnist(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._x is None:
-            x, y = D.read_mnist()
-            self._x, self._y = torch.from_numpy(x), torch.from_numpy(y)
+            self._x, self._y = _mnist_tensors()
         return self._x, self._y  # (5000, 784), (5000,)
 
     def build_task(self, name: str) -> Task:
@@ -563,6 +563,13 @@ class DigitsSuite(Suite):
         return torch.stack(list(examples))  # (batch, 784)
 
 
+@functools.cache
+def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST read once per process (reading it takes about a second); nothing writes to it."""
+    x, y = D.read_mnist()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
 def _pip_version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -576,9 +583,11 @@ SUITES: dict[str, type[Suite]] = {"text": TextSuite, "digits": DigitsSuite}
 
 
 def _register_scratch() -> None:
-    from .scratch import DigitsScratchSuite  # defined there: it subclasses DigitsSuite
+    """``digits-scratch`` lives in :mod:`brickwork.bench.scratch` and adds itself to
+    :data:`SUITES` at its end (imported here, or first: then it is mid-import here)."""
+    import importlib
 
-    SUITES[DigitsScratchSuite.name] = DigitsScratchSuite
+    importlib.import_module(".scratch", __package__)
 
 
 _register_scratch()
