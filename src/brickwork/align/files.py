@@ -174,8 +174,9 @@ def align_checkpoints(
     if options.method not in FILE_METHODS:
         raise unknown_name("alignment method for model files", options.method, FILE_METHODS)
     t0 = time.perf_counter()
-    _check_same(a, b, *labels)
     spec = checkpoint_spec(a, labels[0], options)
+    checkpoint_spec(b, labels[1], options)  # B must be a model directory of its own too
+    _check_same(a, b, *labels)
     objective: list[float] = []
     if options.method == "weight":
         from brickwork.align.weight_matching import weight_matching
