@@ -298,3 +298,35 @@ def test_names_without_layers_are_refused(models):
     model = models["bert"]
     with pytest.raises(AlignError, match=r"cannot find the layers"):
         hf_permutation_spec(model.config, ["embeddings.word_embeddings.weight"])
+
+
+def test_components_are_per_layer_without_the_residual_stream(models):
+    from brickwork.align.streamed import components
+
+    model = models["mistral"]
+    names = model.state_dict().keys()
+    parts = components(hf_permutation_spec(model.config, names))
+    assert len(parts) == 2 * model.config.num_hidden_layers  # FFN; heads with nested groups
+    for part in parts:
+        layers = {g.name.split(".")[2] for g in part.groups}
+        assert len(layers) == 1
+    assert len(components(hf_permutation_spec(model.config, names, residual=True))) == 1
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_streamed_weight_matching_recovers_from_checkpoints(models, kind, tmp_path):
+    from safetensors.torch import save_file
+
+    from brickwork.align.streamed import weight_matching_streamed
+
+    model = models[kind]
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    spec = hf_permutation_spec(model.config, sd.keys())
+    sd_b = apply_permutations(sd, spec, _random_perms(spec, seed=4))
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    save_file(sd_b, str(tmp_path / "b.safetensors"))
+    result = weight_matching_streamed(spec, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    back = apply_permutations(sd_b, spec, result.perms)
+    for name, tensor in sd.items():
+        assert torch.equal(back[name], tensor), name
+    assert result.objective[-1] > result.objective[0]
