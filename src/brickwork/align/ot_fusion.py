@@ -16,7 +16,7 @@ permutation_spec`), the units of the source model B are transported onto those o
    its largest entry, so Sinkhorn's ``reg`` is relative to the largest cost.
 3. **Transport map** ``T`` (``n_b × n_a``) between the marginals ``μ`` (B's units, uniform
    ``1/n_b`` unless given) and ``ν`` (A's, uniform ``1/n_a``): exact EMD (``ot.emd``, the
-   network simplex) or entropic Sinkhorn (``ot.sinkhorn``, log-domain, ``reg``).
+   network simplex) or entropic Sinkhorn (``ot.sinkhorn``, log-stabilised, ``reg``).
 4. **Transport.** A's unit ``i`` receives the mass-weighted average of the B units sent to it,
    ``W̃_b = T̃ᵀ Ŵ_b`` with the column-normalised map ``T̃ = T diag(1/ν)`` (the paper's
    ``diag(1/β) Tᵀ``); the next layer reads A-ordered inputs through the row-normalised map
@@ -290,7 +290,9 @@ def solve(
     else:
         if not reg > 0:
             raise AlignError(f"Sinkhorn needs reg > 0, got {reg}.")
-        plan = ot.sinkhorn(mu, nu, c, reg, method="sinkhorn_log", numItermax=10_000, stopThr=1e-12)
+        plan = ot.sinkhorn(
+            mu, nu, c, reg, method="sinkhorn_stabilized", numItermax=100_000, stopThr=1e-10
+        )
     plan = torch.as_tensor(np.asarray(plan), dtype=torch.float64)
     if not torch.isfinite(plan).all() or plan.sum() <= 0:
         raise AlignError(
