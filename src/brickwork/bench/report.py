@@ -21,6 +21,9 @@ active parameters), a rich table, and the environment (package versions, hardwar
         "method": str,                       # base | individual | multitask | ensemble
                                              # | <merge method> | moe_task | moe_train
                                              # | moefy_top4of8 | moefy_top2of8
+                                             # | align+linear | align+ties | ot_fusion
+                                             # | ... (alignment rows, kind "merge":
+                                             # brickwork.bench.scratch.ALIGN_ROWS)
         "kind": "reference" | "merge" | "moe",
         "status": "ok" | "skipped",
         "reason": str | null,                # why skipped
