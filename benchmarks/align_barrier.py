@@ -12,7 +12,9 @@ weights, reg 0.01, a soft map that does not keep B's function; the path is
 measured, each path also with REPAIR (``+repair``: every interpolated model renormalised to
 the (1 − α, α)-average of the endpoints' unit statistics on the calibration inputs, Jordan et
 al. 2023). The barrier is max over α of loss(α) − ((1 − α) loss(0) + α loss(1)) (Ainsworth et
-al. 2023, Git Re-Basin, arXiv:2209.04836; Frankle et al. 2020). ZipIt! (Stoica et al. 2024) is
+al. 2023, Git Re-Basin, arXiv:2209.04836; Frankle et al. 2020). ``ot_wide`` is the path from
+A to a third network, 768 units wide (seed 1), transported onto A's 512 units by EMD: models of
+different widths. ZipIt! (Stoica et al. 2024) is
 a merge, not a path: it is measured at stop_at = 0 (the output ensemble), 1, 2 and 3 (all
 three hidden layers zipped, one MLP of the same shape).
 
@@ -38,16 +40,17 @@ from brickwork.bench import data as D
 HERE = Path(__file__).resolve().parent
 
 
-def mlp() -> nn.Module:
+def mlp(width: int = 512) -> nn.Module:
+    w = width
     return nn.Sequential(
-        nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-        nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10),
+        nn.Linear(784, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
+        nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10),
     )  # fmt: skip
 
 
-def train(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int) -> nn.Module:
+def train(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, width: int = 512):
     torch.manual_seed(seed)
-    model = mlp()
+    model = mlp(width)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -102,6 +105,8 @@ def main() -> None:
     t0 = time.perf_counter()
     a, b = train(xtr, ytr, 0, args.epochs), train(xtr, ytr, 1, args.epochs)
     t_train = time.perf_counter() - t0
+    # a third network, 768 units wide, from seed 1: OT fusion transports it onto A's 512
+    b_wide = train(xtr, ytr, 1, args.epochs, width=768)
     alphas = [i / 20 for i in range(21)]
     calib = list(xtr[:2000].split(250))  # activation matching: training inputs only
     curves, seconds, aligned_models = {}, {}, {"naive": b}
@@ -126,8 +131,13 @@ def main() -> None:
     ot_path_is_fusion = all(
         torch.allclose(fused.state_dict()[k], v, atol=1e-6) for k, v in half.items()
     )
+    t0 = time.perf_counter()
+    aligned_models["ot_wide"], _ = brickwork.align(a, b_wide, method="ot")  # 768 -> 512 units
+    seconds["ot_wide"] = round(time.perf_counter() - t0, 2)
     for method, aligned in aligned_models.items():
-        same = torch.allclose(aligned(xte), b(xte), atol=1e-5)
+        same = aligned[0].weight.shape == b[0].weight.shape and torch.allclose(
+            aligned(xte), b(xte), atol=1e-5
+        )
         t0 = time.perf_counter()
         curves[method] = path(a, aligned, xte, yte, alphas) | {"same_function_as_b": same}
         curves[method + "+repair"] = path(a, aligned, xte, yte, alphas, calib)
@@ -149,7 +159,12 @@ def main() -> None:
         "align_seconds": seconds, "alphas": alphas, "curves": curves,
         "barrier_removed": {m: 1 - c["barrier"] / naive for m, c in curves.items() if m != "naive"},
         "ot_path_is_ot_fusion": ot_path_is_fusion,
-        "endpoints": {"a": evaluate(a, xte, yte), "b": evaluate(b, xte, yte)},
+        "endpoints": {
+            "a": evaluate(a, xte, yte),
+            "b": evaluate(b, xte, yte),
+            "b_wide_768": evaluate(b_wide, xte, yte),
+            "b_wide_transported_512": evaluate(aligned_models["ot_wide"], xte, yte),
+        },
         "zipit_by_stop_at": zip_rows,
         "calibration": "2,000 training inputs (activation matching, REPAIR, ZipIt)",
     }  # fmt: skip
