@@ -13,6 +13,9 @@ the residual stream every layer joins one component and the whole model is read.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +24,16 @@ import torch
 from brickwork.align.spec import PermutationSpec
 from brickwork.align.weight_matching import WeightMatchingResult, weight_matching
 from brickwork.errors import AlignError
+
+
+def _release_memory() -> None:
+    """Give freed heap memory back to the OS between components. glibc keeps freed blocks of
+    a few MB (below its adaptive mmap threshold) in its arenas, so without this the resident
+    set grows by a component's temporaries with every component (measured: +140 MB per
+    attention component of the 0.1B Llama)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def components(spec: PermutationSpec) -> list[PermutationSpec]:
@@ -86,7 +99,8 @@ def weight_matching_streamed(
         perms.update(result.perms)
         curves.append(result.objective)
         iterations = max(iterations, result.iterations)
-        del sd_a, sd_b
+        del sd_a, sd_b, result
+        _release_memory()
         if progress is not None:
             progress(index + 1, len(parts), part)
     length = max((len(c) for c in curves), default=1)

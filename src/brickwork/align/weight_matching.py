@@ -156,17 +156,22 @@ def _family_term(
     return total
 
 
-def _position(spec: PermutationSpec, child: str) -> int:
-    """Which unit of its parent a nested group acts inside."""
+def _placement(spec: PermutationSpec, child: str) -> tuple[int, list[tuple[Member, Member, int]]]:
+    """Where a nested group lies in its parent: the parent unit ``i`` it acts inside, and for
+    each of its members the parent member on that axis and the offset inside the unit."""
     c = spec[child]
-    for m in spec[c.parent].members:
-        first = c.members[0]
-        start = first.offset - m.offset
-        if (m.tensor, m.axis) == (first.tensor, first.axis) and 0 <= start < spec[
-            c.parent
-        ].size * m.block:
-            return start // m.block
-    raise ValueError(f"nested group {child} lies in no unit of {c.parent}")
+    parent = spec[c.parent]
+    position, out = None, []
+    for cm in c.members:
+        for pm in parent.members:
+            start = cm.offset - pm.offset
+            if (pm.tensor, pm.axis) == (cm.tensor, cm.axis) and 0 <= start < parent.size * pm.block:
+                position = start // pm.block if position is None else position
+                out.append((cm, pm, start - position * pm.block))
+                break
+        else:
+            raise ValueError(f"member {cm} of nested group {child} lies in no unit of {c.parent}")
+    return position, out
 
 
 def _joint_step(
@@ -181,31 +186,45 @@ def _joint_step(
     """A parent and its nested groups solved together; ``None`` unless it gains (or ``force``).
 
     With the children free, putting B's unit ``j`` at position ``i`` is worth the indices no
-    child covers plus, for each child at ``i``, its best assignment (a linear assignment on the
-    child's similarity with unit ``j`` placed at ``i``). This is exact when the children at a
-    position act on disjoint indices (BERT, GPT-2, MHA Llama); with grouped-query attention
-    the query-head and V/O children overlap on O's columns, so the step is kept only if the
-    exact objective of the family rises (which also keeps the descent monotone)."""
+    child covers plus, for each child at ``i``, its best assignment: a linear assignment on
+    the child's similarity between A's unit ``i`` and B's unit ``j`` (every other group held
+    at its current permutation, the siblings at the identity). This is exact when the children
+    at a position act on disjoint indices (BERT, GPT-2, MHA Llama); with grouped-query
+    attention the query-head and V/O children overlap on O's columns, so the step is kept only
+    if the exact objective of the family rises (which also keeps the descent monotone)."""
     g = spec[group]
+    moves = spec.members_of()
     children = sorted(_children(spec, group), key=[x.name for x in spec.groups].index)
-    at = {c: _position(spec, c) for c in children}
+    family = {group, *children}
     identity = {**perms, **{c: torch.arange(spec[c].size) for c in children}}
     relaxed = _similarity(spec, group, sd_a, sd_b, identity)
+    b_free: dict[tuple[str, int], torch.Tensor] = {}  # B without the family's moves on the axis
     best: dict[tuple[str, int], torch.Tensor] = {}
+    at: dict[str, int] = {}
     for c in children:
-        i = at[c]
+        i, placement = _placement(spec, c)
+        at[c] = i
+        size = spec[c].size
+        parts = []
+        for cm, pm, inside in placement:
+            key = (cm.tensor, cm.axis)
+            if key not in b_free:
+                b_free[key] = _permute_except(
+                    _f64(sd_b[cm.tensor]), moves[cm.tensor], perms, family, cm.axis
+                )
+            w_a = unit_view(_f64(sd_a[cm.tensor]), cm, size)  # (child units of A at i, rest)
+            parts.append((w_a, b_free[key], cm, pm.offset + inside, pm.block))
         for j in range(g.size):
-            placed = perms[group].clone()
-            k = int((placed == j).nonzero())
-            placed[k], placed[i] = placed[i], j
-            sim = _similarity(spec, c, sd_a, sd_b, {**perms, group: placed})
+            sim = sum(
+                w_a @ unit_view(w_b, cm._replace(offset=start + j * block), size).T
+                for w_a, w_b, cm, start, block in parts
+            )  # (child units of A's unit i, child units of B's unit j)
             assign = linear_assignment(sim)
             units = torch.arange(len(assign))
             relaxed[i, j] += float(sim[units, assign].sum() - sim.diagonal().sum())
             best[c, j] = assign
     parent = linear_assignment(relaxed)
     trial = {**perms, group: parent, **{c: best[c, int(parent[at[c]])] for c in children}}
-    family = {group, *children}
     old = _family_term(spec, family, sd_a, sd_b, perms)
     new = _family_term(spec, family, sd_a, sd_b, trial)
     return trial if force or new > old + _RTOL * max(abs(old), 1.0) else None
