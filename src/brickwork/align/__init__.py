@@ -28,6 +28,8 @@ _EXPORTS = {
     "Member": "brickwork.align.spec",
     "apply_permutations": "brickwork.align.spec",
     "permutation_spec": "brickwork.align.spec",
+    "hf_permutation_spec": "brickwork.align.hf_spec",
+    "weight_matching_streamed": "brickwork.align.streamed",
     "repair": "brickwork.align.repair",
     "reset_bn_stats": "brickwork.align.repair",
 }
