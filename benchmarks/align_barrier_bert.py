@@ -10,11 +10,12 @@ only, lowercased, accents kept), so the embedding is small (~100 rows instead of
 30,522) and the model has to combine characters with its attention heads.
 
 Models: two ``transformers.BertForSequenceClassification`` from one small ``BertConfig``
-(default 2 layers, hidden 128, 4 heads, intermediate 512), random init from seeds 0 and 1,
+(default 4 layers, hidden 128, 4 heads, intermediate 512), random init from seeds 0 and 1,
 each with its own batch order, float32. Along θ(α) = (1 − α) θ_A + α θ_B', α in 0, 0.05, ...,
-1, for B' = B (naive), B weight-matched onto A over attention heads and FFN units (heads as
-whole blocks, dimensions within a head), the same plus the residual stream, and B
-activation-matched, the test loss and accuracy are measured. The barrier is max over α of
+1, for B' = B (naive), B weight-matched onto A over the FFN units only, over attention heads
+and FFN units (heads as whole blocks, dimensions within a head), the same plus the residual
+stream, and B activation-matched (heads + FFN, with and without the residual stream; 2,000
+training words as calibration data), the test loss and accuracy are measured. The barrier is max over α of
 loss(α) − ((1 − α) loss(0) + α loss(1)) (Ainsworth et al. 2023, Git Re-Basin,
 arXiv:2209.04836; Frankle et al. 2020). Every B' is checked to compute B's function (the
 largest |logit difference| on the test set is printed).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,7 @@ def path(config, a: nn.Module, b: nn.Module, ids, mask, y, alphas: list[float]) 
 
 #: name -> (method, options passed to brickwork.align)
 ALIGNMENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "weight (FFN only)": ("weight", {"heads": False, "within_head": False, "residual": False}),
     "weight (heads + FFN)": ("weight", {"heads": True, "within_head": True, "residual": False}),
     "weight (+ residual)": ("weight", {"heads": True, "within_head": True, "residual": True}),
     "activation (heads + FFN)": (
@@ -172,7 +175,7 @@ ALIGNMENTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=512)
@@ -188,6 +191,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "align_barrier_bert")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -261,6 +266,8 @@ def main() -> None:
         "training": {"epochs": args.epochs, "batch": args.batch, "lr": args.lr,
                      "optimizer": "AdamW wd 0.01, 5 % warm-up, linear decay", "seeds": [0, 1]},
         "threads": args.threads, "train_seconds": round(t_train, 1), "align_seconds": seconds,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "alphas": alphas, "curves": curves,
         "barrier_removed": {k: 1 - c["barrier"] / naive for k, c in measured.items()
                             if k != "naive"},
