@@ -195,3 +195,27 @@ def test_alignment_sees_training_inputs_only_and_test_is_read_once(trained, monk
     assert not got & (rows_of("test") | rows_of("val"))
     assert [c[0] for c in ev.calls].count("test") == len(names)  # once per row
     assert all(c[0] in ("val", "test") for c in ev.calls)
+
+
+def test_fine_tunes_of_one_base_need_no_alignment(cache):
+    """On the shared-base ``digits`` suite weight matching leaves the fine-tunes as they
+    are: ``align+linear`` predicts exactly what the plain average predicts."""
+    from contextlib import nullcontext
+
+    from brickwork.bench.evaluate import Evaluator, to_bits
+    from brickwork.bench.runner import _row
+    from brickwork.bench.scratch import align_rows
+    from brickwork.merge.api import merge_state_dicts
+
+    s = make_suite("digits", quick=True, tasks=["digit", "rot90"])
+    trainer = Trainer(s)
+    finetunes = {t.name: trainer.finetune(t) for t in s.tasks}
+    ev = Evaluator(s, trainer)
+    (row,) = align_rows(
+        s, s.tasks, ev, finetunes, ["align+linear"], seed=0, progress=lambda *a: nullcontext(),
+        row=_row, row_key=lambda what: what, load_row=lambda k: None,
+        save_row=lambda k, r: None, reused=[], enc_params=0,
+    )  # fmt: skip
+    avg = merge_state_dicts("linear", [finetunes[t.name][0] for t in s.tasks])
+    want = ev.correct(avg, {t.name: finetunes[t.name][1] for t in s.tasks}, s.tasks, "test")
+    assert row["correct"] == {t: to_bits(c) for t, c in want.items()}
