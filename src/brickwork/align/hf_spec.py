@@ -14,7 +14,9 @@ The parts (which tensors are Q, K, V, O, the FFN, the norms) come from
 - nested groups (their ``parent`` is the heads group; they act on the head now at position
   ``k``, in target coordinates, see :class:`~brickwork.align.spec.PermutationGroup`):
 
-  - ``<layer>.heads.<k>.q`` (``heads=True``, GQA only) — the query heads inside KV group ``k``;
+  - ``<layer>.heads.<k>.q`` (``heads=True`` and ``query_heads=True``, GQA only) — the query
+    heads inside KV group ``k`` (``query_heads=False`` keeps them in order inside their
+    group: a spec without nested groups, for OT fusion and ZipIt);
   - ``<layer>.heads.<k>.qk`` (``within_head=True``, absolute positions only: BERT, GPT-2) —
     one permutation of the ``head_dim`` dimensions shared by Q and K of the head
     (``q · k`` is a sum over dimensions, so any common order gives the same scores). RoPE
@@ -46,7 +48,6 @@ from brickwork.arch.transformer import (
     LayerParts,
     Proj,
     TransformerLayout,
-    _config_dict,
     outside_tensors,
     transformer_layout,
 )
@@ -63,6 +64,7 @@ def hf_permutation_spec(
     heads: bool = True,
     within_head: bool = True,
     residual: bool = False,
+    query_heads: bool = True,
 ) -> PermutationSpec:
     """The permutation groups of an HF BERT / GPT-2 / Llama / Mistral / Qwen2 model.
 
@@ -76,7 +78,11 @@ def hf_permutation_spec(
     for layer in layout.layers:
         groups.append(_ffn_group(layout, layer))
         if heads or within_head:
-            groups.extend(_head_groups(layout, layer, heads=heads, within_head=within_head))
+            groups.extend(
+                _head_groups(
+                    layout, layer, heads=heads, within_head=within_head, query_heads=query_heads
+                )
+            )
     pooler = _pooler_group(layout)
     if pooler is not None:
         groups.append(pooler)
@@ -84,11 +90,6 @@ def hf_permutation_spec(
         _check_outside(layout, names)
         groups.append(_residual_group(layout))
     return PermutationSpec(tuple(groups))
-
-
-def layout_of(config: Any, names: Iterable[str]) -> TransformerLayout:
-    """The layout the spec was derived from (for activation hooks)."""
-    return transformer_layout(_config_dict(config), names)
 
 
 def _rows(p: Proj, *, block: int = 1, offset: int = 0) -> list[Member]:
@@ -117,7 +118,12 @@ def _ffn_group(layout: TransformerLayout, layer: LayerParts) -> PermutationGroup
 
 
 def _head_groups(
-    layout: TransformerLayout, layer: LayerParts, *, heads: bool, within_head: bool
+    layout: TransformerLayout,
+    layer: LayerParts,
+    *,
+    heads: bool,
+    within_head: bool,
+    query_heads: bool = True,
 ) -> list[PermutationGroup]:
     d, n_kv = layout.head_dim, layout.n_kv_heads
     g = layout.n_heads // n_kv  # query heads per KV group
@@ -136,7 +142,7 @@ def _head_groups(
     for kv in range(n_kv):
         at = f"{name}.{kv}"
         first_q = kv * g * d  # first query row of this KV group
-        if heads and g > 1:
+        if heads and query_heads and g > 1:
             members = _rows(layer.q, block=d, offset=q_off + first_q) + _cols(
                 layer.o, block=d, offset=first_q
             )
