@@ -54,6 +54,10 @@ def align(
     ``data``). Zipping is a merge, not a permutation: the returned module is the *zipped model
     of A and B* (not a copy of B), and the maps are the merge matrices ``{group: M (n × 2n)}``.
     For more models, partial zipping or α / β use :func:`brickwork.align.zipit.zipit`.
+    Hugging Face transformers are zipped by :func:`brickwork.align.zipit.zip_transformers`
+    (residual stream, FFN units and heads; an approximate merge, full zipping only), and
+    transported by OT over heads as blocks and FFN units (``residual`` passed through;
+    ``within_head`` does not apply: nested groups are not transported).
 
     Hugging Face ``PreTrainedModel``s (BERT, GPT-2, Llama, Mistral, Qwen2), which torch.fx
     cannot trace, get :func:`brickwork.align.hf_spec.hf_permutation_spec` with ``heads``,
@@ -63,7 +67,7 @@ def align(
     if method == "ot":
         from brickwork.align.ot_fusion import transport
 
-        return transport(model_a, model_b, data=data, solver=solver, reg=reg)
+        return transport(model_a, model_b, data=data, solver=solver, reg=reg, residual=residual)
     if method == "zip":
         from brickwork.align.zipit import zip_with_maps
 
@@ -72,6 +76,10 @@ def align(
                 "method='zip' needs calibration data: pass data=[batch, ...] (batches both "
                 "models accept); ZipIt matches features by their correlations on it."
             )
+        if _is_hf(model_a) or _is_hf(model_b):
+            from brickwork.align.zipit import zip_transformers
+
+            return zip_transformers([model_a, model_b], data)
         return zip_with_maps([model_a, model_b], data)
     options = {"heads": heads, "within_head": within_head, "residual": residual}
     spec = _common_spec(model_a, model_b, spec, options)

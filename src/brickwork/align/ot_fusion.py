@@ -157,10 +157,14 @@ def _collect(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[str, t
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
     handles = []
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     for group in spec.groups:
 
         def hook(_module, args, _name=group.name):
-            seen.setdefault(_name, args[0])
+            z = args[0]
+            if mask is not None and z.dim() == 3 and tuple(z.shape[:2]) == tuple(mask.shape):
+                z = z[mask.bool()]  # (real tokens, features): padded tokens dropped
+            seen.setdefault(_name, z)
 
         handles.append(modules[group.consumers[0]].register_forward_pre_hook(hook))
     try:
@@ -302,6 +306,49 @@ def solve(
     return plan
 
 
+def fusion_spec(model: nn.Module, *, residual: bool = False) -> PermutationSpec:
+    """The spec OT fusion and ZipIt use for ``model``: the torch.fx trace of a plain module,
+    or, for a Hugging Face ``PreTrainedModel``, :func:`~brickwork.align.hf_spec.
+    hf_permutation_spec` without nested groups (heads as whole blocks, query heads kept in
+    order inside their KV group, no within-head dimensions), with the residual stream when
+    ``residual``."""
+    from brickwork.align.api import _is_hf
+
+    if _is_hf(model):
+        return hf_fusion_spec(model.config, model.state_dict().keys(), residual=residual)
+    return permutation_spec(model)
+
+
+def hf_fusion_spec(
+    config: Any, names: Iterable[str], *, residual: bool = False, heads: bool = True
+) -> PermutationSpec:
+    """:func:`~brickwork.align.hf_spec.hf_permutation_spec` of a transformer with no nested
+    group: FFN units, heads as blocks (whole KV groups), the pooler, optionally the stream."""
+    import dataclasses
+
+    from brickwork.align.hf_spec import hf_permutation_spec, layout_of
+
+    names = list(names)
+    spec = hf_permutation_spec(
+        config, names, heads=heads, within_head=False, query_heads=False, residual=residual
+    )
+    if not residual:
+        return spec
+    # Every projection reading the stream is a consumer here (the spec lists one per layer
+    # for the activation hooks), so that transport and zipping treat its columns as inputs.
+    layout = layout_of(config, names)
+    readers = [p.module for layer in layout.layers for p in (layer.k, layer.v, *layer.ffn_in)]
+    if layout.mlm_decoder is not None:
+        readers.append(layout.mlm_decoder.module)
+    groups = tuple(
+        dataclasses.replace(g, consumers=tuple(dict.fromkeys(g.consumers + tuple(readers))))
+        if g.name == "residual"
+        else g
+        for g in spec.groups
+    )
+    return PermutationSpec(groups)
+
+
 def transport_maps(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -310,25 +357,77 @@ def transport_maps(
     solver: str = "emd",
     reg: float = 0.01,
     marginals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    residual: bool = False,
 ) -> tuple[PermutationSpec, PermutationSpec, TransportMaps]:
     """The transport maps of B's units onto A's, group by group (see the module docstring).
 
     ``marginals``: optional ``{group: (μ over B's units, ν over A's units)}``; uniform
-    otherwise. Returns A's spec, B's spec and the maps."""
+    otherwise. Hugging Face models get :func:`fusion_spec` (``residual``: the residual stream
+    too). Returns A's spec, B's spec and the maps."""
     if solver not in _SOLVERS:
         raise unknown_name("OT solver", solver, _SOLVERS)
-    spec_a, spec_b = permutation_spec(model_a), permutation_spec(model_b)
+    spec_a = fusion_spec(model_a, residual=residual)
+    spec_b = fusion_spec(model_b, residual=residual)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_compatible(spec_a, spec_b, sd_a, sd_b)
+    costs = None if data is None else _activation_costs(spec_a, spec_b, model_a, model_b, data)
+    maps = transport_maps_of_states(
+        spec_a, spec_b, sd_a, sd_b, costs=costs, solver=solver, reg=reg, marginals=marginals
+    )
+    return spec_a, spec_b, maps
+
+
+def _solve_order(spec: PermutationSpec, sd: dict[str, torch.Tensor]) -> list[PermutationGroup]:
+    """The groups in spec order, except that a group is put off while every weight matrix
+    producing its units also reads an unsolved group (the residual stream, produced by the
+    embeddings, is then solved before the FFNs and heads that read it). Biases and norms do
+    not make a group ready: a cost from them alone is weak."""
+    moves = spec.members_of()
+    todo, order, solved = list(spec.groups), [], set()
+
+    def ready(g: PermutationGroup, matrices: bool) -> bool:
+        return any(
+            all(o.name == g.name or o.name in solved for o, _ in moves[m.tensor])
+            for m in g.members
+            if not _is_input(g, m) and (not matrices or sd[m.tensor].dim() >= 2)
+        )
+
+    while todo:
+        group = next((g for g in todo if ready(g, True)), None)
+        group = group or next((g for g in todo if ready(g, False)), todo[0])
+        todo.remove(group)
+        order.append(group)
+        solved.add(group.name)
+    return order
+
+
+def transport_maps_of_states(
+    spec_a: PermutationSpec,
+    spec_b: PermutationSpec,
+    sd_a: dict[str, torch.Tensor],
+    sd_b: dict[str, torch.Tensor],
+    *,
+    costs: dict[str, torch.Tensor] | None = None,
+    solver: str = "emd",
+    reg: float = 0.01,
+    marginals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> TransportMaps:
+    """The transport maps of B's units onto A's from the specs and state dicts alone (no
+    module: a checkpoint's tensors will do). ``costs``: ``{group: (n_b, n_a)}`` ground costs
+    (e.g. activation-based); None computes the weight-based cost from the tensors, which then
+    need to hold every tensor of the specs. Groups are solved in :func:`_solve_order`."""
+    if solver not in _SOLVERS:
+        raise unknown_name("OT solver", solver, _SOLVERS)
+    check_compatible(spec_a, spec_b, _shapes(sd_a), _shapes(sd_b))
     unknown = sorted(set(marginals or {}) - {g.name for g in spec_a.groups})
     if unknown:
         raise AlignError(
             f"marginals given for {unknown}, which are no permutation groups; groups: "
             f"{[g.name for g in spec_a.groups]}."
         )
-    costs = None if data is None else _activation_costs(spec_a, spec_b, model_a, model_b, data)
     maps = TransportMaps({}, {}, {})
-    for group in spec_a.groups:
+    order = spec_a.groups if costs is not None else _solve_order(spec_a, sd_a)
+    for group in order:
         name = group.name
         if costs is not None:
             cost = costs[name]
@@ -339,7 +438,27 @@ def transport_maps(
         maps.plan[name] = plan
         maps.out[name] = plan / plan.sum(0, keepdim=True).clamp_min(1e-300)  # columns sum to 1
         maps.inp[name] = plan / plan.sum(1, keepdim=True).clamp_min(1e-300)  # rows sum to 1
-    return spec_a, spec_b, maps
+    return maps
+
+
+def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shape-only stand-ins (meta tensors) for the compatibility check."""
+    return {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}
+
+
+def plan_is_permutation(plan: torch.Tensor, *, atol: float = 1e-6) -> torch.Tensor | None:
+    """``perm`` (new unit ``i`` is B's unit ``perm[i]``) when ``n · plan`` is a permutation
+    matrix (square EMD plans are), else None."""
+    n_b, n_a = plan.shape
+    if n_b != n_a:
+        return None
+    scaled = plan * n_a
+    perm = scaled.argmax(0)
+    exact = torch.zeros_like(scaled)
+    exact[perm, torch.arange(n_a)] = 1.0
+    if not torch.allclose(scaled, exact, atol=atol, rtol=0) or len(set(perm.tolist())) != n_a:
+        return None
+    return perm
 
 
 def transport_state_dict(
@@ -368,10 +487,15 @@ def transport(
     data: Iterable[Any] | None = None,
     solver: str = "emd",
     reg: float = 0.01,
+    residual: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A new module of A's architecture holding B transported onto A's units, and the plans
-    ``{group: T (n_b × n_a)}``. Inputs are not modified."""
-    _, spec_b, maps = transport_maps(model_a, model_b, data=data, solver=solver, reg=reg)
+    ``{group: T (n_b × n_a)}``. Hugging Face models are transported over
+    :func:`fusion_spec` (FFN units, heads as blocks; ``residual``: the stream too). Inputs are
+    not modified."""
+    _, spec_b, maps = transport_maps(
+        model_a, model_b, data=data, solver=solver, reg=reg, residual=residual
+    )
     moved = copy.deepcopy(model_a)
     moved.load_state_dict(transport_state_dict(model_b.state_dict(), spec_b, maps))
     return moved, {k: v.to(torch.float32) for k, v in maps.plan.items()}

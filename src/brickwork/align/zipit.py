@@ -176,10 +176,11 @@ def _zip_states(
             for k, sd in enumerate(sds):
                 out[k][name] = sd[name].detach().clone()
             continue
-        if len(producing) > 1:
+        produced = sorted({g.name for g, _ in producing})  # GPT-2's c_attn: 3 slices, 1 group
+        if len(produced) > 1:
             raise AlignError(
-                f"tensor '{name}' produces the units of {len(producing)} groups "
-                f"({[g.name for g, _ in producing]}); ZipIt merges one produced axis per tensor."
+                f"tensor '{name}' produces the units of {len(produced)} groups "
+                f"({produced}); ZipIt merges one produced axis per tensor."
             )
         per_model = []
         for k, sd in enumerate(sds):
@@ -283,3 +284,136 @@ def zipit(
     merges; ``<= 0`` forbids them); ``beta``: the same-model merge budget. Returns a new module;
     no input is modified."""
     return zip_with_maps(models, data, stop_at=stop_at, alpha=alpha, beta=beta)[0]
+
+
+# -- transformers ---------------------------------------------------------------------------
+
+
+def _hf_features(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[str, torch.Tensor]:
+    """``{group: (tokens, units, block)}`` features of one batch: the residual stream is every
+    hidden state the model returns (the embeddings' output and each layer's, stacked as more
+    tokens), any other group the input of its first consumer (FFN units: the down projection's
+    input; heads: the output projection's input, ``head_dim`` features per query head).
+    Padded tokens (``attention_mask == 0``) are dropped."""
+    batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+    mask = batch.get("attention_mask")
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+
+    def real(z: torch.Tensor) -> torch.Tensor:
+        if mask is not None and z.dim() == 3 and tuple(z.shape[:2]) == tuple(mask.shape):
+            return z[mask.bool()]  # (real tokens, features)
+        return z.reshape(-1, z.shape[-1])
+
+    handles = []
+    for group in spec.groups:
+        if group.name == "residual":
+            continue
+
+        def hook(_module, args, _name=group.name):
+            seen.setdefault(_name, real(args[0]))
+
+        handles.append(modules[group.consumers[0]].register_forward_pre_hook(hook))
+    try:
+        out = model(**batch, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    feats = {}
+    for group in spec.groups:
+        if group.name == "residual":
+            z = torch.cat([real(h) for h in out.hidden_states])  # (tokens * states, hidden)
+            feats[group.name] = z.reshape(z.shape[0], group.size, 1)
+            continue
+        member = next(m for m in group.members if _is_input(group, m))
+        z = seen[group.name]
+        if z.shape[-1] != group.size * member.block:
+            raise AlignError(
+                f"group '{group.name}': the input of {group.consumers[0]} has {z.shape[-1]} "
+                f"features, expected {group.size} units of {member.block}."
+            )
+        feats[group.name] = z.reshape(z.shape[0], group.size, member.block)
+    return feats
+
+
+def _hf_correlations(
+    models: Sequence[nn.Module], spec: PermutationSpec, data: Iterable[Any]
+) -> dict[str, torch.Tensor]:
+    """``{group: (Kn, Kn)}`` unit correlations: for units made of ``block`` features (a head)
+    the mean over ``f`` of the correlation of feature ``f`` of one unit with feature ``f`` of
+    the other (heads are compared dimension by dimension, in their own order)."""
+    sums: dict[str, list] = {g.name: [0, 0.0, 0.0] for g in spec.groups}  # n, Σz, Σ z_i z_j
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad():
+            for batch in data:
+                seen = [_hf_features(model, spec, batch) for model in models]
+                for group in spec.groups:
+                    f = torch.cat([z[group.name] for z in seen], 1).to(torch.float64)
+                    s = sums[group.name]  # f: (tokens, K * units, block)
+                    s[0] += f.shape[0]
+                    s[1] = s[1] + f.sum(0)  # (Kn, block)
+                    s[2] = s[2] + torch.einsum("tib,tjb->ijb", f, f)  # (Kn, Kn, block)
+    finally:
+        for module, training in flags:
+            module.training = training
+    if spec.groups and min(s[0] for s in sums.values()) < 2:
+        raise DataError("ZipIt needs calibration data with at least 2 (unpadded) tokens.")
+    out = {}
+    for name, (count, total, outer) in sums.items():
+        mean = total / count  # (Kn, block)
+        cov = outer / count - mean[:, None, :] * mean[None, :, :]
+        std = cov.diagonal(dim1=0, dim2=1).T.clamp_min(0).sqrt()  # (Kn, block)
+        out[name] = (cov / (std[:, None, :] * std[None, :, :] + _EPS)).mean(-1)
+    return out
+
+
+def zip_transformers(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Zip Hugging Face transformers of one config (ZipIt!, see the module docstring) into one
+    model of that config; returns it and the merge matrices ``{group: M (n × Kn)}``.
+
+    The groups are :func:`~brickwork.align.ot_fusion.hf_fusion_spec` with the residual stream:
+    the stream is *one* group zipped once for the whole model (every block adds into it, so its
+    features must be merged the same way everywhere: embeddings, every norm, every projection
+    reading or writing it, the LM head), the FFN units and the attention heads (whole KV
+    groups, as blocks) per layer. Norm weights and biases are merged by ``M`` like any
+    producer. The result is an approximation, not any input's function: a merged unit of a
+    non-linearity (SwiGLU, GELU, softmax attention, a norm's statistics over merged features)
+    is not the merge of the units' outputs; only two models whose units correspond exactly
+    (a permuted copy) give the model back. Full zipping only (no ``stop_at``)."""
+    from brickwork.align.api import _common_spec
+    from brickwork.align.ot_fusion import hf_fusion_spec
+
+    models = list(models)
+    if len(models) < 2:
+        raise AlignError(f"zipit needs at least 2 models; got {len(models)}.")
+    if data is None:
+        raise DataError("zipit needs calibration data: pass data=[batch, ...].")
+    spec = hf_fusion_spec(models[0].config, models[0].state_dict().keys(), residual=True)
+    for other in models[1:]:
+        _common_spec(models[0], other, spec)  # same tensors and shapes
+    corr = _hf_correlations(models, spec, data)
+    mats = {g.name: match(corr[g.name], len(models), alpha=alpha, beta=beta) for g in spec.groups}
+    states = _zip_states([m.state_dict() for m in models], spec, mats)
+    ref = models[0].state_dict()
+    merged: dict[str, torch.Tensor] = {}
+    first_of: dict[int, str] = {}  # storage -> first name (tied weights keep the first's value)
+    for name, value in ref.items():
+        tied = first_of.setdefault(value.untyped_storage().data_ptr(), name)
+        if tied != name and value.is_floating_point():
+            merged[name] = merged[tied]
+        elif value.is_floating_point():
+            merged[name] = (sum(_f64(s[name]) for s in states) / len(states)).to(value.dtype)
+        else:
+            merged[name] = value.detach().clone()
+    out = copy.deepcopy(models[0])
+    out.load_state_dict(merged)
+    return out, {name: m.to(torch.float32) for name, (m, _) in mats.items()}
