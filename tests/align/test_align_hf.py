@@ -330,3 +330,42 @@ def test_streamed_weight_matching_recovers_from_checkpoints(models, kind, tmp_pa
     for name, tensor in sd.items():
         assert torch.equal(back[name], tensor), name
     assert result.objective[-1] > result.objective[0]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "qwen2"])
+def test_parent_similarity_accounts_for_the_nested_groups(models, kind):
+    """With every other group (the parent's children included) at a random permutation, the
+    parent's similarity predicts the objective exactly: objective(P) - objective(Q) =
+    Σ_i sim[i, P(i)] - Σ_i sim[i, Q(i)] (Git Re-Basin's linear subproblem, with ⟨A, C(P(B))⟩
+    = ⟨C⁻¹(A), P(B)⟩ for the nested groups C)."""
+    from brickwork.align.weight_matching import _similarity
+
+    model = models[kind]
+    sd_a = model.state_dict()
+    spec = hf_permutation_spec(model.config, sd_a.keys())
+    sd_b = apply_permutations(sd_a, spec, _random_perms(spec, seed=7))
+    perms = _random_perms(spec, seed=8)
+    parent = next(g for g in spec.groups if g.name.endswith(".0.heads"))
+    assert any(g.parent == parent.name for g in spec.groups)
+    sim = _similarity(spec, parent.name, sd_a, sd_b, perms)
+    units = torch.arange(parent.size)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        p, q = (torch.randperm(parent.size, generator=g) for _ in range(2))
+        gain = objective(spec, sd_a, sd_b, {**perms, parent.name: p}) - objective(
+            spec, sd_a, sd_b, {**perms, parent.name: q}
+        )
+        predicted = float(sim[units, p].sum() - sim[units, q].sum())
+        assert gain == pytest.approx(predicted, rel=1e-9, abs=1e-9)
+
+
+def test_nested_group_before_its_parent_is_refused(models):
+    from brickwork.align.spec import PermutationSpec
+
+    model = models["bert"]
+    sd = model.state_dict()
+    spec = hf_permutation_spec(model.config, sd.keys())
+    child = next(g for g in spec.groups if g.parent is not None)
+    wrong = PermutationSpec((child, *(g for g in spec.groups if g is not child)))
+    with pytest.raises(AlignError, match=rf"'{child.name}'.*parent '{child.parent}'.*before"):
+        weight_matching(wrong, sd, sd)

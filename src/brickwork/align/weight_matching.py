@@ -38,6 +38,7 @@ from brickwork.align.spec import (
     unit_index,
     unit_view,
 )
+from brickwork.errors import AlignError
 
 # A step must raise its group's term by more than this (relative) to count as an improvement,
 # so float round-off cannot make the descent cycle between equally good assignments.
@@ -56,8 +57,6 @@ def linear_assignment(similarity: torch.Tensor) -> torch.Tensor:
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        from brickwork.errors import AlignError
-
         raise AlignError(
             "alignment needs scipy: pip install 'brickwork[align]' (or scipy)"
         ) from exc
@@ -70,6 +69,26 @@ def linear_assignment(similarity: torch.Tensor) -> torch.Tensor:
 def _f64(tensor: torch.Tensor) -> torch.Tensor:
     # on the CPU, where the permutations live; float64 so ties are not round-off
     return tensor.detach().to("cpu", torch.float64)
+
+
+def check_nesting(spec: PermutationSpec) -> None:
+    """Every nested group's parent exists and comes before it (children act in target
+    coordinates, after their parent's permutation), and nesting is one level deep."""
+    seen: dict[str, PermutationGroup] = {}
+    for g in spec.groups:
+        if g.parent is not None:
+            parent = seen.get(g.parent)
+            if parent is None:
+                raise AlignError(
+                    f"nested group '{g.name}' names parent '{g.parent}', which is not an earlier "
+                    "group of the spec; put every parent before its nested groups."
+                )
+            if parent.parent is not None:
+                raise AlignError(
+                    f"nested group '{g.name}' has parent '{g.parent}', itself nested in "
+                    f"'{parent.parent}'; only one level of nesting is supported."
+                )
+        seen[g.name] = g
 
 
 def _children(spec: PermutationSpec, group: str) -> set[str]:
@@ -302,6 +321,7 @@ def weight_matching(
 
     ``warm_start``: begin from :func:`_warm_start`'s greedy pass when it scores better than the
     identity (then ``objective[1]`` is its score); the descent never lowers the objective."""
+    check_nesting(spec)
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
     result = WeightMatchingResult(perms, [objective(spec, sd_a, sd_b, perms)])
     rng = np.random.default_rng(seed)
