@@ -306,16 +306,17 @@ def solve(
     return plan
 
 
-def fusion_spec(model: nn.Module, *, residual: bool = False) -> PermutationSpec:
+def fusion_spec(model: nn.Module, *, residual: bool = False, heads: bool = True) -> PermutationSpec:
     """The spec OT fusion and ZipIt use for ``model``: the torch.fx trace of a plain module,
     or, for a Hugging Face ``PreTrainedModel``, :func:`~brickwork.align.hf_spec.
     hf_permutation_spec` without nested groups (heads as whole blocks, query heads kept in
     order inside their KV group, no within-head dimensions), with the residual stream when
-    ``residual``."""
+    ``residual`` (``heads=False``: heads not permuted)."""
     from brickwork.align.api import _is_hf
 
     if _is_hf(model):
-        return hf_fusion_spec(model.config, model.state_dict().keys(), residual=residual)
+        keys = model.state_dict().keys()
+        return hf_fusion_spec(model.config, keys, residual=residual, heads=heads)
     return permutation_spec(model)
 
 
@@ -326,7 +327,8 @@ def hf_fusion_spec(
     group: FFN units, heads as blocks (whole KV groups), the pooler, optionally the stream."""
     import dataclasses
 
-    from brickwork.align.hf_spec import hf_permutation_spec, layout_of
+    from brickwork.align.hf_spec import hf_permutation_spec
+    from brickwork.arch.transformer import _config_dict, transformer_layout
 
     names = list(names)
     spec = hf_permutation_spec(
@@ -336,7 +338,7 @@ def hf_fusion_spec(
         return spec
     # Every projection reading the stream is a consumer here (the spec lists one per layer
     # for the activation hooks), so that transport and zipping treat its columns as inputs.
-    layout = layout_of(config, names)
+    layout = transformer_layout(_config_dict(config), names)
     readers = [p.module for layer in layout.layers for p in (layer.k, layer.v, *layer.ffn_in)]
     if layout.mlm_decoder is not None:
         readers.append(layout.mlm_decoder.module)
