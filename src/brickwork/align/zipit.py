@@ -388,7 +388,9 @@ def zip_transformers(
     producer. The result is an approximation, not any input's function: a merged unit of a
     non-linearity (SwiGLU, GELU, softmax attention, a norm's statistics over merged features)
     is not the merge of the units' outputs; only two models whose units correspond exactly
-    (a permuted copy) give the model back. Full zipping only (no ``stop_at``)."""
+    (a permuted copy) give the model back. Full zipping only (no ``stop_at``). Memory: the
+    correlation sums of every group are held at once (``(2 · ffn)²`` float64 per layer's FFN
+    for two models), so this is meant for small models."""
     from brickwork.align.api import _common_spec
     from brickwork.align.ot_fusion import hf_fusion_spec
 
