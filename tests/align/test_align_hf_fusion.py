@@ -367,3 +367,20 @@ def test_streamed_file_weight_matching_equals_in_memory_matching(dirs, kind, pai
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in want.values())
+
+
+def test_cli_ot_errors_name_the_problem(run_cli, tmp_path, dirs):
+    from safetensors.torch import load_file, save_file
+
+    a_dir = dirs["llama", "A"]
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(dirs["llama", "B"] / "model.safetensors"), bare)
+    code, _, err = run_cli("align", a_dir, bare, tmp_path / "o1", "--method", "ot")
+    assert code != 0 and "config.json" in err
+    _model("llama", 1, num_hidden_layers=3).save_pretrained(tmp_path / "deep")
+    code, _, err = run_cli("align", a_dir, tmp_path / "deep", tmp_path / "o2", "--method", "ot")
+    assert code != 0 and "layer structures" in err and "model B" in err
+    args = ("align", a_dir, dirs["llama", "B"], tmp_path / "o3", "--method", "ot")
+    code, _, err = run_cli(*args, "--solver", "sinkorn")
+    assert code != 0 and "sinkhorn" in err and "emd" in err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
