@@ -384,3 +384,13 @@ def test_cli_ot_errors_name_the_problem(run_cli, tmp_path, dirs):
     code, _, err = run_cli(*args, "--solver", "sinkorn")
     assert code != 0 and "sinkhorn" in err and "emd" in err
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_zip_without_heads_merges_stream_and_ffn_only(pairs):
+    from brickwork.align.zipit import zip_transformers
+
+    a, _ = pairs["llama"]
+    p, _ = _permuted(a, fusion_spec(a, residual=True, heads=False))
+    z, merges = zip_transformers([a, p], _batches(), heads=False)
+    assert sorted(merges) == ["model.layers.0.mlp", "model.layers.1.mlp", "residual"]
+    torch.testing.assert_close(_out(z, _ids()), _out(a, _ids()), atol=1e-5, rtol=0)

@@ -457,7 +457,7 @@ def _zip_files(
     vocab = getattr(model_a.config, "vocab_size", None)
     batches = load_batches(data, model_dir=a.model_dir, vocab_size=vocab, where=labels[0])
     zipped, merges = zip_transformers(
-        [model_a, model_b], batches, alpha=options.alpha, beta=options.beta
+        [model_a, model_b], batches, alpha=options.alpha, beta=options.beta, heads=options.heads
     )
     average = copy.deepcopy(model_a)
     sd_b = model_b.state_dict()
@@ -479,7 +479,8 @@ def _zip_files(
     infos = list(a.infos())
     from brickwork.align.ot_fusion import hf_fusion_spec
 
-    spec = hf_fusion_spec(model_a.config, model_a.state_dict().keys(), residual=True)
+    keys = model_a.state_dict().keys()
+    spec = hf_fusion_spec(model_a.config, keys, residual=True, heads=options.heads)
     extra = {
         "calibration_loss": quality,
         "merged_units": {k: list(m.shape) for k, m in merges.items()},

@@ -376,6 +376,7 @@ def zip_transformers(
     *,
     alpha: float = 0.5,
     beta: float = 0.5,
+    heads: bool = True,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Zip Hugging Face transformers of one config (ZipIt!, see the module docstring) into one
     model of that config; returns it and the merge matrices ``{group: M (n × Kn)}``.
@@ -384,7 +385,8 @@ def zip_transformers(
     the stream is *one* group zipped once for the whole model (every block adds into it, so its
     features must be merged the same way everywhere: embeddings, every norm, every projection
     reading or writing it, the LM head), the FFN units and the attention heads (whole KV
-    groups, as blocks) per layer. Norm weights and biases are merged by ``M`` like any
+    groups, as blocks; ``heads=False`` leaves heads unmerged: averaged in place) per layer.
+    Norm weights and biases are merged by ``M`` like any
     producer. The result is an approximation, not any input's function: a merged unit of a
     non-linearity (SwiGLU, GELU, softmax attention, a norm's statistics over merged features)
     is not the merge of the units' outputs; only two models whose units correspond exactly
@@ -399,7 +401,8 @@ def zip_transformers(
         raise AlignError(f"zipit needs at least 2 models; got {len(models)}.")
     if data is None:
         raise DataError("zipit needs calibration data: pass data=[batch, ...].")
-    spec = hf_fusion_spec(models[0].config, models[0].state_dict().keys(), residual=True)
+    keys = models[0].state_dict().keys()
+    spec = hf_fusion_spec(models[0].config, keys, residual=True, heads=heads)
     for other in models[1:]:
         _common_spec(models[0], other, spec)  # same tensors and shapes
     corr = _hf_correlations(models, spec, data)
