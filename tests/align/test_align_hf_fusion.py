@@ -394,3 +394,21 @@ def test_zip_without_heads_merges_stream_and_ffn_only(pairs):
     z, merges = zip_transformers([a, p], _batches(), heads=False)
     assert sorted(merges) == ["model.layers.0.mlp", "model.layers.1.mlp", "residual"]
     torch.testing.assert_close(_out(z, _ids()), _out(a, _ids()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_file_ot_per_component_equals_whole_spec_transport(dirs, residual):
+    from brickwork.align.files import AlignOptions, _spec_tensors, _weight_transport
+    from brickwork.align.ot_fusion import hf_fusion_spec, transport_maps_of_states
+    from brickwork.checkpoint.reader import open_checkpoint
+
+    a, b = open_checkpoint(dirs["llama", "A"]), open_checkpoint(dirs["llama", "W"])
+    spec_a = hf_fusion_spec(a.config, a.names, residual=residual)
+    spec_b = hf_fusion_spec(b.config, b.names, residual=residual)
+    options = AlignOptions(method="ot", solver="sinkhorn", reg=0.1)
+    got = _weight_transport(a, b, spec_a, spec_b, options)
+    sd_a, sd_b = _spec_tensors(a, spec_a), _spec_tensors(b, spec_b)
+    want = transport_maps_of_states(spec_a, spec_b, sd_a, sd_b, solver="sinkhorn", reg=0.1)
+    assert got.plan.keys() == want.plan.keys()
+    for k in want.plan:
+        torch.testing.assert_close(got.plan[k], want.plan[k], atol=1e-12, rtol=0)

@@ -395,12 +395,11 @@ def _transport_files(
             fusion_spec(model_a, **kw), fusion_spec(model_b, **kw), model_a, model_b, batches
         )
         del model_a, model_b
-    else:  # weight-based cost: the spec's tensors
-        sd_a, sd_b = _spec_tensors(a, spec_a), _spec_tensors(b, spec_b)
-    maps = transport_maps_of_states(
-        spec_a, spec_b, sd_a, sd_b, costs=costs, solver=options.solver, reg=options.reg
-    )
-    del sd_a, sd_b
+        maps = transport_maps_of_states(
+            spec_a, spec_b, sd_a, sd_b, costs=costs, solver=options.solver, reg=options.reg
+        )
+    else:
+        maps = _weight_transport(a, b, spec_a, spec_b, options)
     perms, tables = {}, {}
     for name, plan in maps.plan.items():
         perm = plan_is_permutation(plan)
@@ -432,6 +431,29 @@ def _transport_files(
     }
     result = AlignResult(spec_b, perms, options, seconds=time.perf_counter() - t0, extra=extra)
     return result, get, infos, config_text, tables
+
+
+def _weight_transport(
+    a: Checkpoint, b: Checkpoint, spec_a: PermutationSpec, spec_b: PermutationSpec, options
+):
+    """Weight-cost transport maps, one independent component of the spec at a time (per
+    layer without the residual stream; the whole spec with it): only that component's
+    tensors are read, so memory stays near one layer of each model."""
+    from brickwork.align.ot_fusion import TransportMaps, transport_maps_of_states
+    from brickwork.align.streamed import _release_memory, components
+
+    maps = TransportMaps({}, {}, {})
+    for part_a in components(spec_a):
+        part_b = PermutationSpec(tuple(spec_b[g.name] for g in part_a.groups))
+        sd_a, sd_b = _spec_tensors(a, part_a), _spec_tensors(b, part_b)
+        got = transport_maps_of_states(
+            part_a, part_b, sd_a, sd_b, solver=options.solver, reg=options.reg
+        )
+        for table in ("plan", "out", "inp"):
+            getattr(maps, table).update(getattr(got, table))
+        del sd_a, sd_b
+        _release_memory()
+    return maps
 
 
 def _zip_files(
