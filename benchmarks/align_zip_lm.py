@@ -8,7 +8,8 @@ runs), on held-out ``test`` sequences:
 - A, B, and the naive average of their weights;
 - B aligned onto A by weight matching (heads + FFN; and with the residual stream), by OT
   (EMD, weight cost; with the stream), each averaged with A;
-- ZipIt (``--method zip``, calibration on ``finetune`` sequences): the zipped model.
+- ZipIt (``--method zip``, calibration on ``finetune`` sequences): the zipped model, with
+  the default alpha = beta = 0.5, with beta = 0, alpha = 0, and without merging heads.
 
 Usage: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/align_zip_lm.py [--steps 600]``.
 Writes ``benchmarks/results/align_zip_lm.json``.
@@ -106,10 +107,13 @@ def main() -> None:
             "OT emd (weight cost) + residual": AlignOptions(method="ot", residual=True),
             "OT emd (activation cost) + residual": AlignOptions(method="ot", residual=True),
             "zip": AlignOptions(method="zip"),
+            "zip beta=0 (cross-model merges only)": AlignOptions(method="zip", beta=0.0),
+            "zip alpha=0 (no repeated merges)": AlignOptions(method="zip", alpha=0.0),
+            "zip without heads": AlignOptions(method="zip", heads=False),
         }
         for label, opt in runs.items():
             use_data = opt.method == "zip" or "activation" in label
-            out = root / label.replace(" ", "_").replace("(", "").replace(")", "")
+            out = root / "".join(c if c.isalnum() else "_" for c in label)
             t0 = time.perf_counter()
             _, result = align_files(
                 root / "A", root / "B", out, options=opt, data=data if use_data else None,
