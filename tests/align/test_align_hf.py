@@ -369,3 +369,35 @@ def test_nested_group_before_its_parent_is_refused(models):
     wrong = PermutationSpec((child, *(g for g in spec.groups if g is not child)))
     with pytest.raises(AlignError, match=rf"'{child.name}'.*parent '{child.parent}'.*before"):
         weight_matching(wrong, sd, sd)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_residual_stream_of_a_model_without_head_is_refused(kind):
+    """A bare encoder / decoder returns the stream itself: permuting it would change the
+    function, so residual=True is an error there and fine once a head reads the stream (a
+    saved tied LM head shows only in the config's architectures)."""
+    from transformers import AutoModel, BertConfig, GPT2Config, LlamaConfig
+
+    from brickwork.align import hf_permutation_spec
+    from brickwork.errors import AlignError
+
+    cfg = {
+        "bert": BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=24),
+        "gpt2": GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2),
+        "llama": LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=24),
+    }[kind]  # fmt: skip
+    bare = AutoModel.from_config(cfg)
+    names = list(bare.state_dict())
+    assert hf_permutation_spec(bare.config, names, residual=False).groups
+    with pytest.raises(AlignError, match="without a head.*residual=False"):
+        hf_permutation_spec(bare.config, names, residual=True)
+    saved = {**bare.config.to_dict(), "architectures": [type(bare).__name__]}
+    with pytest.raises(AlignError, match="without a head"):
+        hf_permutation_spec(saved, names, residual=True)
+    if kind != "bert":  # a saved causal LM with a tied head lists no lm_head tensor
+        tied = {**saved, "architectures": ["XForCausalLM"], "tie_word_embeddings": True}
+        assert any(
+            g.name == "residual" for g in hf_permutation_spec(tied, names, residual=True).groups
+        )

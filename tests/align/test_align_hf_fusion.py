@@ -52,12 +52,12 @@ def _config(kind: str, **kw):
 
 
 def _model(kind: str, seed: int, **kw):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     torch.manual_seed(seed)
     cfg = _config(kind, **kw)
     cfg._attn_implementation = "eager"
-    cls = AutoModel if kind == "bert" else AutoModelForCausalLM
+    cls = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
     return cls.from_config(cfg).eval()
 
 
@@ -254,9 +254,9 @@ def _digest(d):
 
 
 def _load(kind, path):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    cls = AutoModel if kind == "bert" else AutoModelForCausalLM
+    cls = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
     return cls.from_pretrained(path, attn_implementation="eager").eval()
 
 

@@ -502,7 +502,9 @@ def _zip_files(
     from brickwork.align.ot_fusion import hf_fusion_spec
 
     keys = model_a.state_dict().keys()
-    spec = hf_fusion_spec(model_a.config, keys, residual=True, heads=options.heads)
+    spec = hf_fusion_spec(
+        model_a.config, keys, residual=True, heads=options.heads, output_stream=True
+    )
     extra = {
         "calibration_loss": quality,
         "merged_units": {k: list(m.shape) for k, m in merges.items()},

@@ -48,6 +48,7 @@ from brickwork.arch.transformer import (
     LayerParts,
     Proj,
     TransformerLayout,
+    _config_dict,
     outside_tensors,
     transformer_layout,
 )
@@ -65,13 +66,16 @@ def hf_permutation_spec(
     within_head: bool = True,
     residual: bool = False,
     query_heads: bool = True,
+    output_stream: bool = False,
 ) -> PermutationSpec:
     """The permutation groups of an HF BERT / GPT-2 / Llama / Mistral / Qwen2 model.
 
     ``config`` is the model's ``PretrainedConfig`` (or its dict), ``names`` its state-dict
     tensor names. See the module docstring for the groups. Raises
     :class:`~brickwork.errors.AlignError` for an unsupported ``model_type`` or a tensor it
-    cannot place."""
+    cannot place. With ``residual=True`` a model whose output is the stream itself (no head)
+    is refused, since the permutation would reorder its output, unless ``output_stream=True``
+    (ZipIt, which merges the stream and so changes the output anyway)."""
     names = list(names)
     layout = transformer_layout(config, names)
     groups: list[PermutationGroup] = []
@@ -88,6 +92,8 @@ def hf_permutation_spec(
         groups.append(pooler)
     if residual:
         _check_outside(layout, names)
+        if not output_stream:
+            _check_stream_is_read(layout, config)
         groups.append(_residual_group(layout))
     return PermutationSpec(tuple(groups))
 
@@ -200,6 +206,31 @@ def _residual_group(layout: TransformerLayout) -> PermutationGroup:
         members += _cols(p)
     consumers += [p.module for p in readers]
     return PermutationGroup("residual", layout.hidden, tuple(members), tuple(consumers))
+
+
+def _check_stream_is_read(layout: TransformerLayout, config: Any) -> None:
+    """A model whose output *is* the residual stream (a bare ``BertModel``, ``LlamaModel``,
+    ``GPT2Model``: no LM or classification head) would return its features permuted, so it
+    computes another function; the stream may be permuted only when a head reads it. A head
+    tied to the input embeddings is absent from a saved file's tensor names, so a saved
+    ``...ForCausalLM`` / ``...LMHeadModel`` (its config's ``architectures``) with
+    ``tie_word_embeddings`` counts as read."""
+    if layout.readers or layout.pooler_readers or layout.mlm_transform is not None:
+        return
+    cfg = _config_dict(config)
+    archs = cfg.get("architectures") or []
+    tied_head = cfg.get("tie_word_embeddings", True) and any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM")) for a in archs
+    )
+    if tied_head:
+        return
+    raise AlignError(
+        f"residual=True on a {layout.model_type} model without a head "
+        f"(architectures: {archs or 'not recorded'}): its output is the residual stream "
+        "itself, so permuting the stream would return its features in another order and "
+        "change the function. Use residual=False (heads and FFN units only), or align the "
+        "model with its LM / classification head."
+    )
 
 
 def _check_outside(layout: TransformerLayout, names: list[str]) -> None:

@@ -321,7 +321,12 @@ def fusion_spec(model: nn.Module, *, residual: bool = False, heads: bool = True)
 
 
 def hf_fusion_spec(
-    config: Any, names: Iterable[str], *, residual: bool = False, heads: bool = True
+    config: Any,
+    names: Iterable[str],
+    *,
+    residual: bool = False,
+    heads: bool = True,
+    output_stream: bool = False,
 ) -> PermutationSpec:
     """:func:`~brickwork.align.hf_spec.hf_permutation_spec` of a transformer with no nested
     group: FFN units, heads as blocks (whole KV groups), the pooler, optionally the stream."""
@@ -332,7 +337,13 @@ def hf_fusion_spec(
 
     names = list(names)
     spec = hf_permutation_spec(
-        config, names, heads=heads, within_head=False, query_heads=False, residual=residual
+        config,
+        names,
+        heads=heads,
+        within_head=False,
+        query_heads=False,
+        residual=residual,
+        output_stream=output_stream,
     )
     if not residual:
         return spec

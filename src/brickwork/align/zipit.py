@@ -402,7 +402,7 @@ def zip_transformers(
     if data is None:
         raise DataError("zipit needs calibration data: pass data=[batch, ...].")
     keys = models[0].state_dict().keys()
-    spec = hf_fusion_spec(models[0].config, keys, residual=True, heads=heads)
+    spec = hf_fusion_spec(models[0].config, keys, residual=True, heads=heads, output_stream=True)
     for other in models[1:]:
         _common_spec(models[0], other, spec)  # same tensors and shapes
     corr = _hf_correlations(models, spec, data)
