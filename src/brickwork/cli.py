@@ -10,6 +10,7 @@ import typer
 
 from .align.cli import register as _register_align
 from .bench.cli import register as _register_bench
+from .compress.cli import compress_app
 from .errors import BrickworkError, Interrupted
 from .route.cli import route_app
 
@@ -160,6 +161,7 @@ def demo(
 
 _register_align(app)
 app.add_typer(route_app, name="route")
+app.add_typer(compress_app, name="compress")
 _register_bench(app)
 
 

@@ -1,0 +1,9 @@
+"""``brickwork compress prune ...``. Only typer is imported at module level."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``prune`` command to ``app`` (not there yet)."""
