@@ -298,6 +298,14 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _format_field(path: Path) -> Any:
+    """``brickwork.json``'s ``format``, or ``None`` when there is no readable one."""
+    try:
+        return json.loads((path / META).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load(path: str | os.PathLike, *, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save_moe` (or ``brickwork route moefy``), in eval mode.
 
@@ -307,6 +315,10 @@ def load(path: str | os.PathLike, *, base: nn.Module | None = None) -> nn.Module
     a :class:`~brickwork.errors.CheckpointError` naming it.
     """
     path = Path(path).expanduser()
+    if _format_field(path) == "brickwork.lowrank":  # `brickwork compress lowrank` (issue 12)
+        from ..compress.lowrank_format import load_lowrank
+
+        return load_lowrank(path, base=base)
     meta = _read_meta(path)
     model = _skeleton(path, meta, base)
     f = path / META
