@@ -16,8 +16,8 @@ from torch import nn
 
 import brickwork
 from brickwork.align import apply_permutations, permutation_spec
-from brickwork.align.activation_matching import _Moments
 from brickwork.align.api import _METHODS
+from brickwork.align.calibration import Moments
 from brickwork.align.weight_matching import _similarity, weight_matching
 from brickwork.errors import AlignError, DataError, UnknownNameError
 
@@ -321,7 +321,7 @@ def test_activation_correlation_is_pearsons_over_batches():
     g = torch.Generator().manual_seed(0)
     z_a, z_b = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g)
     z_b[:, 2] += 3 * z_a[:, 4]
-    moments = _Moments(6)
+    moments = Moments()
     moments.add(z_a[:20], z_b[:20])
     moments.add(z_a[20:], z_b[20:])
     expected = torch.corrcoef(torch.cat([z_a, z_b], 1).T.double())[:6, 6:]

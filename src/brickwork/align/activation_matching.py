@@ -33,49 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from brickwork.align.calibration import Moments, evaluating, hooked, run_batch
 from brickwork.align.spec import PermutationSpec
 from brickwork.align.weight_matching import linear_assignment
 from brickwork.errors import DataError
-
-_EPS = 1e-12
-
-
-class _Moments:
-    """Running sums for the cross-correlation of two (n, d) activation streams, in float64."""
-
-    def __init__(self, size: int) -> None:
-        self.n = 0
-        self.sum_a = torch.zeros(size, dtype=torch.float64)
-        self.sum_b = torch.zeros(size, dtype=torch.float64)
-        self.sq_a = torch.zeros(size, dtype=torch.float64)
-        self.sq_b = torch.zeros(size, dtype=torch.float64)
-        self.ab = torch.zeros(size, size, dtype=torch.float64)
-
-    def add(self, z_a: torch.Tensor, z_b: torch.Tensor) -> None:
-        z_a = z_a.detach().to(torch.float64).reshape(-1, z_a.shape[-1])  # (examples, units)
-        z_b = z_b.detach().to(torch.float64).reshape(-1, z_b.shape[-1])
-        self.n += z_a.shape[0]
-        self.sum_a += z_a.sum(0)
-        self.sum_b += z_b.sum(0)
-        self.sq_a += (z_a * z_a).sum(0)
-        self.sq_b += (z_b * z_b).sum(0)
-        self.ab += z_a.T @ z_b  # (units of A, units of B)
-
-    def correlation(self) -> torch.Tensor:
-        mean_a, mean_b = self.sum_a / self.n, self.sum_b / self.n
-        cov = self.ab / self.n - torch.outer(mean_a, mean_b)
-        std_a = (self.sq_a / self.n - mean_a**2).clamp_min(0).sqrt()
-        std_b = (self.sq_b / self.n - mean_b**2).clamp_min(0).sqrt()
-        return cov / (torch.outer(std_a, std_b) + _EPS)
-
-
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 def _read(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,22 +51,10 @@ def _collect(
 ) -> dict[tuple[str, str], torch.Tensor]:
     """``{(group, consumer): its input as (examples, features)}`` for one batch."""
     modules = dict(model.named_modules())
-    seen: dict[tuple[str, str], torch.Tensor] = {}
-    handles = []
-    for group in spec.groups:
-        for consumer in group.consumers:
-            module = modules[consumer]
-
-            def hook(module, args, _key=(group.name, consumer)):
-                seen.setdefault(_key, _read(module, args[0]))
-
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        _call(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    points = {(g.name, c): (c, "in") for g in spec.groups for c in g.consumers}
+    with hooked(model, points) as seen:
+        run_batch(model, batch)
+    return {key: _read(modules[key[1]], z) for key, z in seen.items()}
 
 
 def _block(spec: PermutationSpec, group: str, consumer: str) -> int:
@@ -133,24 +82,13 @@ def activation_matching(
 
     ``data`` is an iterable of batches; a batch is passed as ``model(batch)``, a tuple/list as
     ``model(*batch)`` and a dict as ``model(**batch)``."""
-    moments = {
-        (g.name, c): _Moments(g.size * _block(spec, g.name, c))
-        for g in spec.groups
-        for c in g.consumers
-    }
-    flags = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
-    model_a.eval()
-    model_b.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                z_a = _collect(model_a, spec, batch)
-                z_b = _collect(model_b, spec, batch)
-                for key, m in moments.items():
-                    m.add(z_a[key], z_b[key])
-    finally:
-        for module, training in flags:
-            module.training = training
+    moments = {(g.name, c): Moments() for g in spec.groups for c in g.consumers}
+    with evaluating(model_a, model_b):
+        for batch in data:
+            z_a = _collect(model_a, spec, batch)
+            z_b = _collect(model_b, spec, batch)
+            for key, m in moments.items():
+                m.add(z_a[key], z_b[key])
     if not spec.groups:
         return {}
     if any(m.n < 2 for m in moments.values()):

@@ -30,12 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from brickwork.align.activation_matching import _call
+from brickwork.align.calibration import (
+    Moments,
+    attention_mask,
+    evaluating,
+    hooked,
+    real_tokens,
+    run_batch,
+)
 from brickwork.align.spec import Member, PermutationSpec, unit_index
 from brickwork.align.weight_matching import linear_assignment
 from brickwork.errors import AlignError, DataError
 
-_EPS = 1e-12
 Key = tuple[str, str]  # (module name, "in" | "out")
 
 
@@ -67,57 +73,11 @@ def _reads(
     return out
 
 
-class _Cross:
-    """Running sums for the (W_a × W_b) feature correlation of one hooked tensor."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.sums: list[torch.Tensor] = []
-
-    def add(self, z_a: torch.Tensor, z_b: torch.Tensor) -> None:
-        z_a = z_a.to(torch.float64)
-        z_b = z_b.to(torch.float64)
-        parts = [z_a.sum(0), z_b.sum(0), (z_a * z_a).sum(0), (z_b * z_b).sum(0), z_a.T @ z_b]
-        self.sums = parts if not self.sums else [s + p for s, p in zip(self.sums, parts)]
-        self.n += z_a.shape[0]
-
-    def correlation(self) -> torch.Tensor:
-        s_a, s_b, q_a, q_b, ab = (s / self.n for s in self.sums)
-        cov = ab - torch.outer(s_a, s_b)
-        std_a = (q_a - s_a**2).clamp_min(0).sqrt()
-        std_b = (q_b - s_b**2).clamp_min(0).sqrt()
-        return cov / (torch.outer(std_a, std_b) + _EPS)
-
-
 def _collect(model: nn.Module, keys: set[Key], batch: Any) -> dict[Key, torch.Tensor]:
-    modules = dict(model.named_modules())
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    seen: dict[Key, torch.Tensor] = {}
-
-    def keep(key: Key, z: torch.Tensor) -> None:
-        if isinstance(z, tuple):
-            z = z[0]
-        if mask is not None and z.dim() == 3 and tuple(z.shape[:2]) == tuple(mask.shape):
-            z = z[mask.bool()]  # (real tokens, features)
-        seen.setdefault(key, z.detach().reshape(-1, z.shape[-1]))
-
-    handles = []
-    for name, mode in keys:
-        module = modules[name]
-        if mode == "in":
-            handles.append(
-                module.register_forward_pre_hook(lambda _m, a, _k=(name, mode): keep(_k, a[0]))
-            )
-        else:
-            handles.append(
-                module.register_forward_hook(lambda _m, _a, o, _k=(name, mode): keep(_k, o))
-            )
-    try:
-        _call(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    mask = attention_mask(batch)
+    with hooked(model, {key: key for key in keys}) as seen:
+        run_batch(model, batch)
+    return {key: real_tokens(z, mask).detach().reshape(-1, z.shape[-1]) for key, z in seen.items()}
 
 
 def _refined_later(spec: PermutationSpec) -> set[tuple[str, Member]]:
@@ -159,19 +119,12 @@ def feature_matching(
     reads = _reads(spec, mods_b)
     _reads(spec, mods_a)
     keys = {key for found in reads.values() for key, _ in found}
-    cross = {key: _Cross() for key in keys}
-    flags = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
-    model_a.eval()
-    model_b.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                z_a, z_b = _collect(model_a, keys, batch), _collect(model_b, keys, batch)
-                for key in keys:
-                    cross[key].add(z_a[key], z_b[key])
-    finally:
-        for module, training in flags:
-            module.training = training
+    cross = {key: Moments() for key in keys}
+    with evaluating(model_a, model_b):
+        for batch in data:
+            z_a, z_b = _collect(model_a, keys, batch), _collect(model_b, keys, batch)
+            for key in keys:
+                cross[key].add(z_a[key], z_b[key])
     if not spec.groups:
         return {}
     if min(c.n for c in cross.values()) < 2:

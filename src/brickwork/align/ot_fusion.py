@@ -46,7 +46,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from brickwork.align.spec import Member, PermutationGroup, PermutationSpec, permutation_spec
+from brickwork.align.calibration import attention_mask, evaluating, hooked, real_tokens, run_batch
+from brickwork.align.spec import (
+    Member,
+    PermutationGroup,
+    PermutationSpec,
+    permutation_spec,
+    unit_view,
+)
 from brickwork.errors import AlignError, DataError, unknown_name
 
 _SOLVERS = ("emd", "sinkhorn")
@@ -143,36 +150,12 @@ def _units(z: torch.Tensor, module: nn.Module, member: Member, size: int) -> tor
     )
 
 
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
 def _collect(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[str, torch.Tensor]:
-    """``{group: the input of its first consumer}`` for one batch (forward pre-hooks)."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    for group in spec.groups:
-
-        def hook(_module, args, _name=group.name):
-            z = args[0]
-            if mask is not None and z.dim() == 3 and tuple(z.shape[:2]) == tuple(mask.shape):
-                z = z[mask.bool()]  # (real tokens, features): padded tokens dropped
-            seen.setdefault(_name, z)
-
-        handles.append(modules[group.consumers[0]].register_forward_pre_hook(hook))
-    try:
-        _call(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    """``{group: the input of its first consumer}`` for one batch (padded tokens dropped)."""
+    mask = attention_mask(batch)
+    with hooked(model, {g.name: (g.consumers[0], "in") for g in spec.groups}) as seen:
+        run_batch(model, batch)
+    return {name: real_tokens(z, mask) for name, z in seen.items()}
 
 
 def _activation_costs(
@@ -185,27 +168,20 @@ def _activation_costs(
     """``{group: (n_b, n_a) mean squared distance of the units' activations}``."""
     sums = {g.name: [0, 0.0, 0.0, 0.0] for g in spec_a.groups}  # n, |a|², |b|², b·a
     mods = {id(m): dict(m.named_modules()) for m in (model_a, model_b)}
-    flags = [(m, m.training) for model in (model_a, model_b) for m in model.modules()]
-    model_a.eval()
-    model_b.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                z_a, z_b = _collect(model_a, spec_a, batch), _collect(model_b, spec_b, batch)
-                for g_a in spec_a.groups:
-                    g_b = spec_b[g_a.name]
-                    member = next(m for m in g_a.members if _is_input(g_a, m))
-                    consumer = g_a.consumers[0]
-                    a = _units(z_a[g_a.name], mods[id(model_a)][consumer], member, g_a.size)
-                    b = _units(z_b[g_a.name], mods[id(model_b)][consumer], member, g_b.size)
-                    s = sums[g_a.name]
-                    s[0] += a.shape[0]
-                    s[1] = s[1] + (a * a).sum(0)  # (n_a,)
-                    s[2] = s[2] + (b * b).sum(0)  # (n_b,)
-                    s[3] = s[3] + b.T @ a  # (n_b, n_a)
-    finally:
-        for module, training in flags:
-            module.training = training
+    with evaluating(model_a, model_b):
+        for batch in data:
+            z_a, z_b = _collect(model_a, spec_a, batch), _collect(model_b, spec_b, batch)
+            for g_a in spec_a.groups:
+                g_b = spec_b[g_a.name]
+                member = next(m for m in g_a.members if _is_input(g_a, m))
+                consumer = g_a.consumers[0]
+                a = _units(z_a[g_a.name], mods[id(model_a)][consumer], member, g_a.size)
+                b = _units(z_b[g_a.name], mods[id(model_b)][consumer], member, g_b.size)
+                s = sums[g_a.name]
+                s[0] += a.shape[0]
+                s[1] = s[1] + (a * a).sum(0)  # (n_a,)
+                s[2] = s[2] + (b * b).sum(0)  # (n_b,)
+                s[3] = s[3] + b.T @ a  # (n_b, n_a)
     if spec_a.groups and min(s[0] for s in sums.values()) < 1:
         raise DataError("activation-based OT fusion got no calibration examples; pass data=.")
     return {
@@ -239,8 +215,8 @@ def _weight_cost(
             table = maps.inp if _is_input(other, m) else maps.out
             w_b = _contract(w_b, m, other.size, table[other.name])
         used += 1
-        rows_a = _unit_view(_f64(sd_a[member.tensor]), member, g_a.size)  # (n_a, rest)
-        rows_b = _unit_view(w_b, member, g_b.size)  # (n_b, rest)
+        rows_a = unit_view(_f64(sd_a[member.tensor]), member, g_a.size)  # (n_a, rest)
+        rows_b = unit_view(w_b, member, g_b.size)  # (n_b, rest)
         cost += (
             (rows_b * rows_b).sum(1, keepdim=True)
             + (rows_a * rows_a).sum(1)
@@ -253,12 +229,6 @@ def _weight_cost(
             "activation-based OT."
         )
     return cost.clamp_min(0)
-
-
-def _unit_view(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
-    moved = tensor.movedim(member.axis, 0)
-    part = moved[member.offset : member.offset + size * member.block]
-    return part.reshape(size, -1)  # (units, block * rest)
 
 
 def solve(

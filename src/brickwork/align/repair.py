@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from brickwork.align.calibration import evaluating, run_batch
 from brickwork.align.spec import permutation_spec
 from brickwork.errors import AlignError, DataError
 
@@ -43,15 +44,6 @@ _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _AFFINE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 _TINY = 1e-12  # a merged unit with less spread than this is constant: only its mean is moved
-
-
-def _call(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 def _unit_dim(module: nn.Module) -> int:
@@ -114,18 +106,14 @@ def _measure(
         handles.append(
             modules[name].register_forward_hook(lambda m, a, o, _n=name: hook(m, a, o, _n))
         )
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             for batch in data:
                 with contextlib.suppress(_Stop):
-                    _call(model, batch)
+                    run_batch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in flags:
-            module.training = training
     if any(s.n == 0 for s in stats.values()):
         missing = [n for n, s in stats.items() if s.n == 0]
         raise DataError(
@@ -269,7 +257,7 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any]) -> nn.Module:
     try:
         with torch.no_grad():
             for batch in data:
-                _call(out, batch)
+                run_batch(out, batch)
                 seen += 1
     finally:
         for m, momentum in zip(norms, momenta):

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from brickwork.align.calibration import attention_mask, evaluating, hooked, real_tokens
 from brickwork.align.ot_fusion import _collect, _contract, _f64, _is_input, _units
 from brickwork.align.spec import PermutationSpec
 from brickwork.errors import AlignError, DataError
@@ -124,27 +125,20 @@ def _correlations(
 ) -> dict[str, torch.Tensor]:
     """``{group: (Kn, Kn) correlation of every model's features}`` on the batches."""
     sums: dict[str, list] = {g.name: [0, 0.0, 0.0] for g in spec.groups}  # n, Σz, Σ zzᵀ
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                seen = [_collect(model, spec, batch) for model in models]
-                for group in spec.groups:
-                    member = next(m for m in group.members if _is_input(group, m))
-                    feats = []
-                    for model, z in zip(models, seen):
-                        consumer = dict(model.named_modules())[group.consumers[0]]
-                        feats.append(_units(z[group.name], consumer, member, group.size))
-                    f = torch.cat(feats, 1)  # (examples, K * units)
-                    s = sums[group.name]
-                    s[0] += f.shape[0]
-                    s[1] = s[1] + f.sum(0)
-                    s[2] = s[2] + f.T @ f
-    finally:
-        for module, training in flags:
-            module.training = training
+    with evaluating(*models):
+        for batch in data:
+            seen = [_collect(model, spec, batch) for model in models]
+            for group in spec.groups:
+                member = next(m for m in group.members if _is_input(group, m))
+                feats = []
+                for model, z in zip(models, seen):
+                    consumer = dict(model.named_modules())[group.consumers[0]]
+                    feats.append(_units(z[group.name], consumer, member, group.size))
+                f = torch.cat(feats, 1)  # (examples, K * units)
+                s = sums[group.name]
+                s[0] += f.shape[0]
+                s[1] = s[1] + f.sum(0)
+                s[2] = s[2] + f.T @ f
     if spec.groups and min(s[0] for s in sums.values()) < 2:
         raise DataError(
             "ZipIt needs calibration data with at least 2 examples; pass data=[batch, ...] "
@@ -296,29 +290,14 @@ def _hf_features(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[st
     input; heads: the output projection's input, ``head_dim`` features per query head).
     Padded tokens (``attention_mask == 0``) are dropped."""
     batch = batch if isinstance(batch, dict) else {"input_ids": batch}
-    mask = batch.get("attention_mask")
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
+    mask = attention_mask(batch)
 
     def real(z: torch.Tensor) -> torch.Tensor:
-        if mask is not None and z.dim() == 3 and tuple(z.shape[:2]) == tuple(mask.shape):
-            return z[mask.bool()]  # (real tokens, features)
-        return z.reshape(-1, z.shape[-1])
+        return real_tokens(z, mask).reshape(-1, z.shape[-1])  # (real tokens, features)
 
-    handles = []
-    for group in spec.groups:
-        if group.name == "residual":
-            continue
-
-        def hook(_module, args, _name=group.name):
-            seen.setdefault(_name, real(args[0]))
-
-        handles.append(modules[group.consumers[0]].register_forward_pre_hook(hook))
-    try:
+    points = {g.name: (g.consumers[0], "in") for g in spec.groups if g.name != "residual"}
+    with hooked(model, points) as seen:
         out = model(**batch, output_hidden_states=True)
-    finally:
-        for handle in handles:
-            handle.remove()
     feats = {}
     for group in spec.groups:
         if group.name == "residual":
@@ -326,7 +305,7 @@ def _hf_features(model: nn.Module, spec: PermutationSpec, batch: Any) -> dict[st
             feats[group.name] = z.reshape(z.shape[0], group.size, 1)
             continue
         member = next(m for m in group.members if _is_input(group, m))
-        z = seen[group.name]
+        z = real(seen[group.name])
         if z.shape[-1] != group.size * member.block:
             raise AlignError(
                 f"group '{group.name}': the input of {group.consumers[0]} has {z.shape[-1]} "
@@ -343,22 +322,15 @@ def _hf_correlations(
     the mean over ``f`` of the correlation of feature ``f`` of one unit with feature ``f`` of
     the other (heads are compared dimension by dimension, in their own order)."""
     sums: dict[str, list] = {g.name: [0, 0.0, 0.0] for g in spec.groups}  # n, Σz, Σ z_i z_j
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                seen = [_hf_features(model, spec, batch) for model in models]
-                for group in spec.groups:
-                    f = torch.cat([z[group.name] for z in seen], 1).to(torch.float64)
-                    s = sums[group.name]  # f: (tokens, K * units, block)
-                    s[0] += f.shape[0]
-                    s[1] = s[1] + f.sum(0)  # (Kn, block)
-                    s[2] = s[2] + torch.einsum("tib,tjb->ijb", f, f)  # (Kn, Kn, block)
-    finally:
-        for module, training in flags:
-            module.training = training
+    with evaluating(*models):
+        for batch in data:
+            seen = [_hf_features(model, spec, batch) for model in models]
+            for group in spec.groups:
+                f = torch.cat([z[group.name] for z in seen], 1).to(torch.float64)
+                s = sums[group.name]  # f: (tokens, K * units, block)
+                s[0] += f.shape[0]
+                s[1] = s[1] + f.sum(0)  # (Kn, block)
+                s[2] = s[2] + torch.einsum("tib,tjb->ijb", f, f)  # (Kn, Kn, block)
     if spec.groups and min(s[0] for s in sums.values()) < 2:
         raise DataError("ZipIt needs calibration data with at least 2 (unpadded) tokens.")
     out = {}
