@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "save_lowrank": "brickwork.compress.lowrank_format",
     "compress_lowrank": "brickwork.compress.lowrank_format",
     "factorize_conv": "brickwork.compress.conv",
+    "extract_lora": "brickwork.compress.lora",
     "Masks": "brickwork.compress.lottery",
     "MaskHandle": "brickwork.compress.lottery",
     "Ticket": "brickwork.compress.lottery",
