@@ -12,6 +12,12 @@ from typing import Any
 
 # public name -> module that defines it (filled in as the parts land)
 _EXPORTS: dict[str, str] = {
+    "PruneResult": "brickwork.compress.prune",
+    "magnitude_mask": "brickwork.compress.prune",
+    "prune_model": "brickwork.compress.prune",
+    "prune_module": "brickwork.compress.prune",
+    "sparsegpt_prune": "brickwork.compress.prune",
+    "wanda_mask": "brickwork.compress.prune",
     "LowRankLinear": "brickwork.compress.lowrank",
     "factorize_model": "brickwork.compress.lowrank",
     "factorize_weight": "brickwork.compress.lowrank",
