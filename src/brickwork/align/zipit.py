@@ -125,14 +125,15 @@ def _correlations(
 ) -> dict[str, torch.Tensor]:
     """``{group: (Kn, Kn) correlation of every model's features}`` on the batches."""
     sums: dict[str, list] = {g.name: [0, 0.0, 0.0] for g in spec.groups}  # n, Σz, Σ zzᵀ
+    modules = [dict(model.named_modules()) for model in models]
     with evaluating(*models):
         for batch in data:
             seen = [_collect(model, spec, batch) for model in models]
             for group in spec.groups:
                 member = next(m for m in group.members if _is_input(group, m))
                 feats = []
-                for model, z in zip(models, seen):
-                    consumer = dict(model.named_modules())[group.consumers[0]]
+                for mods, z in zip(modules, seen):
+                    consumer = mods[group.consumers[0]]
                     feats.append(_units(z[group.name], consumer, member, group.size))
                 f = torch.cat(feats, 1)  # (examples, K * units)
                 s = sums[group.name]
@@ -197,6 +198,18 @@ def _zip_states(
     return out
 
 
+def _mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of the per-model state dicts (float64 sums, model 0's dtypes); tensors that are
+    not floating point are model 0's."""
+    out = {}
+    for name, ref in states[0].items():
+        if ref.is_floating_point():
+            out[name] = (sum(_f64(s[name]) for s in states) / len(states)).to(ref.dtype)
+        else:
+            out[name] = ref.detach().clone()
+    return out
+
+
 def _check_models(models: Sequence[nn.Module]) -> PermutationSpec:
     from brickwork.align.api import _common_spec
 
@@ -244,14 +257,8 @@ def zip_with_maps(
     states = _zip_states([m.state_dict() for m in models], spec, mats)
     merges = {name: m.to(torch.float32) for name, (m, _) in mats.items()}
     if depth == len(groups):
-        head = {}
-        for name, ref in states[0].items():
-            if ref.is_floating_point():
-                head[name] = (sum(_f64(s[name]) for s in states) / len(states)).to(ref.dtype)
-            else:
-                head[name] = ref
         out = copy.deepcopy(models[0])
-        out.load_state_dict(head)
+        out.load_state_dict(_mean_state(states))
         return out, merges
     members = []
     for model, state in zip(models, states):
@@ -380,17 +387,12 @@ def zip_transformers(
     corr = _hf_correlations(models, spec, data)
     mats = {g.name: match(corr[g.name], len(models), alpha=alpha, beta=beta) for g in spec.groups}
     states = _zip_states([m.state_dict() for m in models], spec, mats)
-    ref = models[0].state_dict()
-    merged: dict[str, torch.Tensor] = {}
+    merged = _mean_state(states)
     first_of: dict[int, str] = {}  # storage -> first name (tied weights keep the first's value)
-    for name, value in ref.items():
+    for name, value in models[0].state_dict().items():
         tied = first_of.setdefault(value.untyped_storage().data_ptr(), name)
         if tied != name and value.is_floating_point():
             merged[name] = merged[tied]
-        elif value.is_floating_point():
-            merged[name] = (sum(_f64(s[name]) for s in states) / len(states)).to(value.dtype)
-        else:
-            merged[name] = value.detach().clone()
     out = copy.deepcopy(models[0])
     out.load_state_dict(merged)
     return out, {name: m.to(torch.float32) for name, (m, _) in mats.items()}
