@@ -1,0 +1,202 @@
+"""LoRA extraction (brickwork compress lora): full rank reproduces the fine-tune in PEFT,
+rank r is the best rank-r approximation (Eckart–Young), energy ranks are minimal, filters,
+errors, inputs untouched."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from brickwork.compress.lora import extract_lora
+
+peft = pytest.importorskip("peft")
+
+X = torch.tensor([[1, 5, 7, 9, 3, 2, 11]])
+
+
+def _tree_hash(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D, tied LM head) base and a perturbed fine-tune."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2lora")
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
+    ft = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    base.save_pretrained(root / "base")
+    ft.save_pretrained(root / "ft")
+    return root / "base", root / "ft"
+
+
+def _family(name, request):
+    if name == "gpt2":
+        base, ft = request.getfixturevalue("gpt2_pair")
+        from transformers import GPT2LMHeadModel as cls
+    elif name == "llama":
+        fam = request.getfixturevalue("llama_family")
+        base, ft = fam.base, fam.ft1
+        from transformers import LlamaForCausalLM as cls
+    else:
+        fam = request.getfixturevalue("bert_family")
+        base, ft = fam.base, fam.ft1
+        from transformers import BertModel as cls
+    return base, ft, cls
+
+
+def _peft(cls, base: Path, adapter: Path):
+    model = cls.from_pretrained(base).eval()
+    return peft.PeftModel.from_pretrained(model, adapter).eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_full_rank_reproduces_the_finetune_in_peft(name, request, tmp_path):
+    base, ft, cls = _family(name, request)
+    before = _tree_hash(ft), _tree_hash(base)
+    out = extract_lora(ft, tmp_path / "a", base=base, energy=1.0)
+    assert (_tree_hash(ft), _tree_hash(base)) == before  # inputs untouched
+    ref = cls.from_pretrained(ft).eval()
+    pm = _peft(cls, base, out)
+    with torch.no_grad():
+        want = ref(input_ids=X)[0]
+        got = pm(input_ids=X)[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        if name != "gpt2":  # tied head: PEFT's merge applies the shared delta twice (README)
+            merged = pm.merge_and_unload()(input_ids=X)[0]
+            torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(base.resolve())
+    assert cfg["modules_to_save"]  # the perturbed norms
+    assert (out / "brickwork.json").is_file() and (out / "README.md").is_file()
+
+
+def _delta(ft: Path, base: Path, weight: str) -> torch.Tensor:
+    a = load_file(ft / "model.safetensors")[weight].double()
+    b = load_file(base / "model.safetensors")[weight].double()
+    return a - b
+
+
+def test_rank_r_is_the_best_rank_r_approximation(llama_family, tmp_path):
+    """Eckart–Young: BA equals U_r S_r V_rᵀ of the delta, error sqrt(Σ_{i>r} s_i²)."""
+    r = 3
+    out = extract_lora(llama_family.ft1, tmp_path / "a", base=llama_family.base, rank=r)
+    sd = load_file(out / "adapter_model.safetensors")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == r and cfg["lora_alpha"] == r and cfg["rank_pattern"] == {}
+    checked = 0
+    for module in cfg["target_modules"]:
+        pre = f"base_model.model.{module}"
+        if module.endswith("embed_tokens"):
+            ba = (sd[f"{pre}.lora_embedding_B"].double() @ sd[f"{pre}.lora_embedding_A"].double()).T
+        else:
+            ba = sd[f"{pre}.lora_B.weight"].double() @ sd[f"{pre}.lora_A.weight"].double()
+        delta = _delta(llama_family.ft1, llama_family.base, f"{module}.weight")
+        u, s, vh = torch.linalg.svd(delta if not module.endswith("embed_tokens") else delta.T,
+                                    full_matrices=False)  # fmt: skip
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        best = best.T if module.endswith("embed_tokens") else best
+        assert (ba - best).abs().max() < 1e-5, module
+        err = torch.linalg.matrix_norm(delta - ba)
+        assert err == pytest.approx(s[r:].pow(2).sum().sqrt().item(), rel=1e-4), module
+        checked += 1
+    assert checked == 16  # 2 layers x 7 projections + embed_tokens + lm_head
+
+
+def test_energy_ranks_are_minimal(llama_family, tmp_path):
+    e = 0.9
+    out = extract_lora(llama_family.ft1, tmp_path / "a", base=llama_family.base, energy=e)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["alpha_pattern"] == cfg["rank_pattern"]
+    sd = load_file(out / "adapter_model.safetensors")
+    for module in cfg["target_modules"]:
+        rank = cfg["rank_pattern"].get(module, cfg["r"])
+        delta = _delta(llama_family.ft1, llama_family.base, f"{module}.weight")
+        s2 = torch.linalg.svdvals(delta) ** 2
+        kept = s2.cumsum(0) / s2.sum()
+        assert kept[rank - 1] >= e and (rank == 1 or kept[rank - 2] < e), module
+        key = "lora_embedding_A" if module.endswith("embed_tokens") else "lora_A.weight"
+        assert sd[f"base_model.model.{module}.{key}"].shape[0] == rank
+    assert len(set(cfg["rank_pattern"].values()) | {cfg["r"]}) > 1  # ranks do differ
+    pm = _peft(__import__("transformers").LlamaForCausalLM, llama_family.base, out)
+    assert torch.isfinite(pm(input_ids=X).logits).all()
+
+
+def test_filters(llama_family, tmp_path):
+    out = extract_lora(
+        llama_family.ft1, tmp_path / "a", base=llama_family.base, rank=2, include=["*.q_proj", "re:mlp\\.(up|down)"],
+        exclude=["model.layers.1.*"],
+    )  # fmt: skip
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.self_attn.q_proj",
+    ]
+    assert cfg["modules_to_save"] is None
+
+
+def test_cli_and_errors(run_cli, llama_family, gpt2_pair, tmp_path):
+    ft, base = llama_family.ft1, llama_family.base
+    code, out, err = run_cli(
+        "compress", "lora", ft, tmp_path / "ok", "--base", base, "--rank", "2", "-q"
+    )
+    assert code == 0, out + err
+    assert (tmp_path / "ok" / "adapter_model.safetensors").is_file()
+    # output exists
+    code, _, err = run_cli("compress", "lora", ft, tmp_path / "ok", "--base", base, "--rank", "2")
+    assert code != 0 and "already exists" in err
+    # rank larger than a matrix: names the module and the limit, nothing written
+    code, _, err = run_cli("compress", "lora", ft, tmp_path / "big", "--base", base, "--rank", "20")
+    assert code != 0 and "k_proj" in err and "at most 16" in err
+    assert not (tmp_path / "big").exists()
+    # base of another architecture
+    g2_base, _ = gpt2_pair
+    code, _, err = run_cli(
+        "compress", "lora", ft, tmp_path / "mm", "--base", g2_base, "--rank", "2"
+    )
+    assert code != 0 and "does not match base" in err and not (tmp_path / "mm").exists()
+    # output inside an input
+    code, _, err = run_cli("compress", "lora", ft, ft / "adapter", "--base", base, "--rank", "2")
+    assert code != 0 and "overlaps input" in err and not (ft / "adapter").exists()
+    # both / neither of --rank and --energy; energy out of range
+    code, _, err = run_cli("compress", "lora", ft, tmp_path / "x", "--base", base)
+    assert code != 0 and "exactly one" in err
+    code, _, err = run_cli(
+        "compress", "lora", ft, tmp_path / "x", "--base", base, "--energy", "1.5"
+    )
+    assert code != 0 and "(0, 1]" in err
+    # the base itself as fine-tune: nothing to extract
+    code, _, err = run_cli("compress", "lora", base, tmp_path / "x", "--base", base, "--rank", "1")
+    assert code != 0 and "nothing to extract" in err
+
+
+def test_adapter_on_a_mismatched_base_is_refused_by_shape(
+    llama_family, llama_config_factory, tmp_path
+):
+    """An adapter whose base does not match: a base of the same names but other shapes."""
+    from transformers import LlamaForCausalLM
+
+    other = LlamaForCausalLM(llama_config_factory(intermediate_size=48))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(Exception, match="fine-tune shape") as e:
+        extract_lora(llama_family.ft1, tmp_path / "a", base=tmp_path / "other", rank=2)
+    assert "mlp.gate_proj" in str(e.value)
