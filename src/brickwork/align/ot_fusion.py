@@ -54,6 +54,7 @@ from brickwork.align.spec import (
     permutation_spec,
     unit_view,
 )
+from brickwork.align.weight_matching import _f64
 from brickwork.errors import AlignError, DataError, unknown_name
 
 _SOLVERS = ("emd", "sinkhorn")
@@ -69,10 +70,6 @@ class TransportMaps:
     plan: dict[str, torch.Tensor]
     out: dict[str, torch.Tensor]
     inp: dict[str, torch.Tensor]
-
-
-def _f64(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", torch.float64)
 
 
 def _is_input(group: PermutationGroup, member: Member) -> bool:

@@ -167,11 +167,23 @@ def _family_term(
     perms: dict[str, torch.Tensor],
 ) -> float:
     """The part of the objective that depends on the permutations of ``groups``."""
-    moves = spec.members_of()
+    tensors = {m.tensor for g in groups for m in spec[g].members}
+    return _inner(spec, tensors, sd_a, sd_b, perms)
+
+
+def _inner(
+    spec: PermutationSpec,
+    tensors: set[str] | None,
+    sd_a: dict[str, torch.Tensor],
+    sd_b: dict[str, torch.Tensor],
+    perms: dict[str, torch.Tensor],
+) -> float:
+    """``Σ ⟨W_a, π(W_b)⟩`` over ``tensors`` (None: every tensor of a group), in spec order."""
     total = 0.0
-    for name in {m.tensor for g in groups for m in spec[g].members}:
-        w_b = permute_tensor(_f64(sd_b[name]), moves[name], perms)
-        total += float((_f64(sd_a[name]) * w_b).sum())
+    for name, moves in spec.members_of().items():
+        if tensors is None or name in tensors:
+            w_b = permute_tensor(_f64(sd_b[name]), moves, perms)
+            total += float((_f64(sd_a[name]) * w_b).sum())
     return total
 
 
@@ -301,11 +313,7 @@ def objective(
     perms: dict[str, torch.Tensor],
 ) -> float:
     """``Σ ⟨W_a, π(W_b)⟩`` over every tensor of a group (the others do not depend on π)."""
-    total = 0.0
-    for name, moves in spec.members_of().items():
-        w_b = permute_tensor(_f64(sd_b[name]), moves, perms)
-        total += float((_f64(sd_a[name]) * w_b).sum())
-    return total
+    return _inner(spec, None, sd_a, sd_b, perms)
 
 
 def weight_matching(
