@@ -306,3 +306,22 @@ def test_python_errors(llama_family):
         from brickwork.compress.prune import prune
 
         prune(llama_family.base, llama_family.ft1, sparsity=0.5)
+
+
+def test_cli_config_without_architectures(run_cli, tmp_path, llama_family, calib):
+    """A config without ``architectures`` loads as the bare LlamaModel (``layers.0...``); the
+    pruned tensors are written under the checkpoint's own names (``model.layers.0...``)."""
+    import shutil
+
+    src = tmp_path / "noarch"
+    shutil.copytree(llama_family.base, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "o"
+    code, _, err = run_cli(
+        "compress", "prune", src, out, "--method", "wanda", "--sparsity", "0.5", "--data", calib
+    )
+    assert code == 0, err
+    w = _weights(out)
+    assert float((w["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()) == 0.5

@@ -556,13 +556,7 @@ def prune(
             model_hash=None,
             progress=progress,
         )
-        missing = [n for n in res.tensors if n not in set(names)]
-        if missing:
-            raise RecipeError(
-                f"{model}: the loaded module's tensor names {missing[:3]} are not the "
-                "checkpoint's; save the model with save_pretrained and prune that."
-            )
-        pruned = res.tensors
+        pruned = _to_checkpoint_names(res.tensors, names, str(model))
         targets = list(pruned)
         record |= {
             "calibration": {
@@ -611,6 +605,23 @@ def prune(
         }
         _write_provenance(writer, ck, str(model), record)
     return out
+
+
+def _to_checkpoint_names(
+    tensors: dict[str, torch.Tensor], names: list[str], where: str
+) -> dict[str, torch.Tensor]:
+    """The module's tensor names as the checkpoint's: a config without ``architectures``
+    loads as the bare model (``layers.0...``) while the file holds ``model.layers.0...``."""
+    present = set(names)
+    first = next(iter(tensors))
+    prefixes = [c[: -len(first)] for c in names if c.endswith(first)]
+    for prefix in sorted(prefixes, key=len):
+        if all(prefix + n in present for n in tensors):
+            return {prefix + n: t for n, t in tensors.items()}
+    raise RecipeError(
+        f"{where}: the loaded module's tensor names ({first}, ...) are not the checkpoint's; "
+        "save the model with save_pretrained and prune that."
+    )
 
 
 def _prune_magnitude_tensor(
