@@ -12,6 +12,11 @@ from typing import Any
 
 # public name -> module that defines it (filled in as the parts land)
 _EXPORTS: dict[str, str] = {
+    "Adapter": "brickwork.compress.adapters",
+    "AdapterCheckpoint": "brickwork.compress.adapters",
+    "MergedAdapter": "brickwork.compress.adapters",
+    "merge_adapters": "brickwork.compress.adapters",
+    "write_adapter": "brickwork.compress.adapters",
     "PruneResult": "brickwork.compress.prune",
     "magnitude_mask": "brickwork.compress.prune",
     "prune_model": "brickwork.compress.prune",

@@ -30,10 +30,29 @@ def _open_models(recipe: MergeRecipe, recipe_dir: Path | None) -> dict[str, Chec
 def _open_path(recipe_dir: Path | None):
     """Opens a model path of a recipe (relative to the recipe's folder if not found as is)."""
 
-    def open_one(key: str) -> Checkpoint:
+    def locate(key: str) -> Path:
         p = Path(key).expanduser()
         if not p.exists() and recipe_dir is not None and (recipe_dir / p).exists():
             p = recipe_dir / p
+        return p
+
+    def open_one(key: str) -> Checkpoint:
+        p = locate(key)
+        if not p.exists() and "+" in key:  # mergekit's `model+lora`: a base and a PEFT adapter
+            base, _, lora = key.rpartition("+")
+            from ..compress.adapters import AdapterCheckpoint
+
+            if not locate(lora).is_dir():
+                raise CheckpointError(
+                    f"model '{key}': read as BASE+ADAPTER (mergekit's model+lora), but the "
+                    f"adapter '{lora}' is not a directory. Give a PEFT adapter folder."
+                )
+            return AdapterCheckpoint(open_one(base), locate(lora))
+        if p.is_dir() and (p / "adapter_config.json").is_file():
+            from ..compress.adapters import AdapterCheckpoint, is_adapter_dir, resolve_adapter_base
+
+            if is_adapter_dir(p):  # an adapter alone: its base from base_model_name_or_path
+                return AdapterCheckpoint(open_checkpoint(resolve_adapter_base(p, recipe_dir)), p)
         if not p.exists():
             hint = (
                 " It looks like a Hugging Face hub id: brickwork never downloads; download it "
