@@ -325,3 +325,12 @@ def test_cli_config_without_architectures(run_cli, tmp_path, llama_family, calib
     assert code == 0, err
     w = _weights(out)
     assert float((w["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()) == 0.5
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_zero_sparsity_returns_the_model(llama_family, calib, method):
+    model = _module(llama_family.base)
+    batches = [{"input_ids": load_file(str(calib))["input_ids"][:8]}]
+    res = prune_module(model, method, sparsity=0.0, batches=batches)
+    sd = model.state_dict()
+    assert res.tensors and all(torch.equal(t, sd[n]) for n, t in res.tensors.items())
