@@ -258,3 +258,20 @@ def test_reinitialized_is_a_fresh_copy():
     assert torch.equal(model[0].weight, before)
     assert not torch.equal(new[0].weight, before)
     assert torch.equal(new[0].weight, reinitialized(model, seed=5)[0].weight)
+
+
+def test_zero_rate_prunes_nothing_and_conv_weights_are_pruned():
+    model = mlp()
+    assert magnitude_masks(model, 0.0, output_rate=0.0).density() == 1.0
+    x = torch.randn(3, 12)
+    assert torch.equal(magnitude_masks(model, 0.0).apply_(mlp())(x), model(x))
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    masks = magnitude_masks(conv, 0.5)
+    assert list(masks) == ["0.weight", "3.weight"] and masks.density("0.weight") == 0.5
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    mask_optimizer(opt, masks, conv)
+    for _ in range(3):
+        opt.zero_grad()
+        conv(torch.randn(2, 3, 8, 8)).sum().backward()
+        opt.step()
+    assert torch.count_nonzero(conv[0].weight[~masks["0.weight"]]) == 0

@@ -149,7 +149,7 @@ def _check_rate(name: str, rate: float) -> None:
         )
 
 
-def _output_name(names: list[str], output: str | None, params: Mapping[str, Any]) -> str | None:
+def _output_name(names: list[str], output: str | None) -> str | None:
     if output is None:
         return names[-1] if names else None
     if output not in names:
@@ -184,8 +184,9 @@ def magnitude_masks(
     Conv-2/4/6) or over all parameters but the output layer together (``scope="global"``, their
     VGG/ResNet). The output layer (``output=``, default the last pruned parameter) is pruned on
     its own at ``output_rate`` (default ``rate / 2``). Per parameter, ``round(rate * remaining)``
-    entries go, so after k rounds ``(1 - rate)^k`` is left up to rounding. Returns new Masks;
-    ``model`` and ``current`` are not modified.
+    entries go, so after k rounds ``(1 - rate)^k`` is left up to rounding. ``include`` chooses
+    the parameters only when ``current`` is not given (``current`` fixes them otherwise).
+    Returns new Masks; ``model`` and ``current`` are not modified.
     """
     _check_rate("rate", rate)
     output_rate = rate / 2 if output_rate is None else output_rate
@@ -195,7 +196,7 @@ def magnitude_masks(
     current = current if current is not None else Masks.dense(model, include)
     params = current.check(model)
     names = list(current)
-    out = _output_name(names, output, params)
+    out = _output_name(names, output)
     new: dict[str, torch.Tensor] = {}
 
     def layer(n: str, r: float) -> None:
