@@ -151,7 +151,10 @@ def main() -> None:
         ref, _, _ = peft_merge(base, [ads[0], ads[2]], [1.5, 0.5], "cat")
         got = merge_adapters([ads[0], ads[2]], [1.5, 0.5], "cat")
         lora = {k: v for k, v in got.tensors.items() if "lora_" in k}
-        rows["cat_ranks_8_and_4"] = {"max_abs_diff_factors": _maxdiff(lora, ref)}
+        rows["cat_ranks_8_and_4"] = {
+            "max_abs_diff_factors": _maxdiff(lora, ref),
+            "rank": got.config["r"],
+        }
         print("cat (ranks 8 + 4)", rows["cat_ranks_8_and_4"])
     result = {
         "adapter_checkpoint_vs_merge_and_unload": checkpoint_rows,
