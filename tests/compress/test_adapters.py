@@ -322,3 +322,34 @@ def test_merge_adapters_errors(adapters):
         merge_adapters(adapters[:2], [1, 1], "tie")
     with pytest.raises(MergeComputationError, match="2 weights for 3 adapters"):
         merge_adapters(adapters, [1, 1], "cat")
+
+
+def test_one_adapter_model_applied_by_linear_loads_in_transformers(
+    llama_family, adapters, tmp_path
+):
+    from transformers import LlamaForCausalLM
+
+    a1 = adapters[0]
+    got = _merge(
+        {"method": "linear", "models": [{"model": f"{llama_family.base}+{a1}"}]}, tmp_path / "o"
+    )
+    assert _max_diff(got, _merged_and_unloaded(llama_family.base, a1)) < 1e-6
+    LlamaForCausalLM.from_pretrained(tmp_path / "o")
+
+
+def test_data_aware_merge_of_adapter_inputs_is_refused(llama_family, adapters, tmp_path):
+    import brickwork
+    from brickwork.errors import RecipeError
+
+    (tmp_path / "cal.txt").write_text("hello world\n" * 4)
+    data = {"path": str(tmp_path / "cal.txt"), "n_examples": 2}
+    recipe = {
+        "method": "regmean",
+        "models": [
+            {"model": f"{llama_family.base}+{adapters[0]}", "data": data},
+            {"model": str(llama_family.ft1), "data": data},
+        ],
+    }
+    with pytest.raises(RecipeError, match=r"PEFT adapters over a base; method 'regmean'"):
+        brickwork.merge(recipe, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
