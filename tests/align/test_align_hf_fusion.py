@@ -224,6 +224,22 @@ def test_zipped_norm_and_ffn_input_are_the_merge_formula(pairs):
     assert (_out(z, _ids()) - _out(a, _ids())).abs().max() > 1e-3  # a merge, not A
 
 
+def test_heads_false_reaches_ot_and_zip_and_spec_is_refused(pairs):
+    """``brickwork.align(heads=False)`` leaves the heads out of OT and ZipIt as the file path
+    does (no head group in the maps); ``spec=`` is refused for both, not ignored."""
+    a, b = pairs["llama"]
+    with_heads = {g.name for g in fusion_spec(a).groups}
+    without = {g.name for g in fusion_spec(a, heads=False).groups}
+    assert without < with_heads
+    _, plans = brickwork.align(a, b, method="ot", heads=False)
+    assert set(plans) == without
+    _, merges = brickwork.align(a, b, method="zip", data=_batches(), heads=False)
+    assert set(merges) == {g.name for g in fusion_spec(a, residual=True, heads=False).groups}
+    for method in ("ot", "zip"):
+        with pytest.raises(AlignError, match="spec= is used by method='weight'"):
+            brickwork.align(a, b, method=method, data=_batches(), spec=fusion_spec(a))
+
+
 def test_zip_needs_data(pairs):
     from brickwork.errors import DataError
 

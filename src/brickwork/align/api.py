@@ -56,18 +56,26 @@ def align(
     For more models, partial zipping or α / β use :func:`brickwork.align.zipit.zipit`.
     Hugging Face transformers are zipped by :func:`brickwork.align.zipit.zip_transformers`
     (residual stream, FFN units and heads; an approximate merge, full zipping only), and
-    transported by OT over heads as blocks and FFN units (``residual`` passed through;
-    ``within_head`` does not apply: nested groups are not transported).
+    transported by OT over heads as blocks and FFN units (``heads`` and ``residual`` passed
+    through; ``within_head`` does not apply: nested groups are not transported). ``spec=``
+    is refused with ``"ot"`` and ``"zip"``, which derive their own groups.
 
     Hugging Face ``PreTrainedModel``s (BERT, GPT-2, Llama, Mistral, Qwen2), which torch.fx
     cannot trace, get :func:`brickwork.align.hf_spec.hf_permutation_spec` with ``heads``,
     ``within_head`` and ``residual`` passed through; ``spec=`` overrides either derivation."""
     if method not in _METHODS + _OTHER_METHODS:
         raise unknown_name("alignment method", method, sorted(_METHODS + _OTHER_METHODS))
+    if spec is not None and method in _OTHER_METHODS:
+        raise AlignError(
+            f"spec= is used by method='weight' and 'activation' only; method='{method}' derives "
+            "its own groups (fusion_spec). Drop spec=, or use method='weight' or 'activation'."
+        )
     if method == "ot":
         from brickwork.align.ot_fusion import transport
 
-        return transport(model_a, model_b, data=data, solver=solver, reg=reg, residual=residual)
+        return transport(
+            model_a, model_b, data=data, solver=solver, reg=reg, residual=residual, heads=heads
+        )
     if method == "zip":
         from brickwork.align.zipit import zip_with_maps
 
@@ -79,7 +87,7 @@ def align(
         if _is_hf(model_a) or _is_hf(model_b):
             from brickwork.align.zipit import zip_transformers
 
-            return zip_transformers([model_a, model_b], data)
+            return zip_transformers([model_a, model_b], data, heads=heads)
         return zip_with_maps([model_a, model_b], data)
     options = {"heads": heads, "within_head": within_head, "residual": residual}
     spec = _common_spec(model_a, model_b, spec, options)

@@ -338,16 +338,17 @@ def transport_maps(
     reg: float = 0.01,
     marginals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     residual: bool = False,
+    heads: bool = True,
 ) -> tuple[PermutationSpec, PermutationSpec, TransportMaps]:
     """The transport maps of B's units onto A's, group by group (see the module docstring).
 
     ``marginals``: optional ``{group: (μ over B's units, ν over A's units)}``; uniform
     otherwise. Hugging Face models get :func:`fusion_spec` (``residual``: the residual stream
-    too). Returns A's spec, B's spec and the maps."""
+    too; ``heads=False``: heads not transported). Returns A's spec, B's spec and the maps."""
     if solver not in _SOLVERS:
         raise unknown_name("OT solver", solver, _SOLVERS)
-    spec_a = fusion_spec(model_a, residual=residual)
-    spec_b = fusion_spec(model_b, residual=residual)
+    spec_a = fusion_spec(model_a, residual=residual, heads=heads)
+    spec_b = fusion_spec(model_b, residual=residual, heads=heads)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_compatible(spec_a, spec_b, sd_a, sd_b)
     costs = None if data is None else _activation_costs(spec_a, spec_b, model_a, model_b, data)
@@ -468,13 +469,14 @@ def transport(
     solver: str = "emd",
     reg: float = 0.01,
     residual: bool = False,
+    heads: bool = True,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A new module of A's architecture holding B transported onto A's units, and the plans
     ``{group: T (n_b × n_a)}``. Hugging Face models are transported over
-    :func:`fusion_spec` (FFN units, heads as blocks; ``residual``: the stream too). Inputs are
-    not modified."""
+    :func:`fusion_spec` (FFN units, heads as blocks unless ``heads=False``; ``residual``: the
+    stream too). Inputs are not modified."""
     _, spec_b, maps = transport_maps(
-        model_a, model_b, data=data, solver=solver, reg=reg, residual=residual
+        model_a, model_b, data=data, solver=solver, reg=reg, residual=residual, heads=heads
     )
     moved = copy.deepcopy(model_a)
     moved.load_state_dict(transport_state_dict(model_b.state_dict(), spec_b, maps))
