@@ -353,3 +353,34 @@ def test_data_aware_merge_of_adapter_inputs_is_refused(llama_family, adapters, t
     with pytest.raises(RecipeError, match=r"PEFT adapters over a base; method 'regmean'"):
         brickwork.merge(recipe, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_merge_adapters(adapters, tmp_path, run_cli):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli(
+        "compress", "merge-adapters", adapters[0], adapters[1], "--out", out,
+        "--weight", "0.7", "--weight", "-0.4", "--type", "ties", "--density", "0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "rank 4" in stdout
+    want = merge_adapters(adapters[:2], [0.7, -0.4], "ties", density=0.5).tensors
+    got = load_file(out / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_cli_merge_adapters_errors(adapters, tmp_path, run_cli):
+    code, _, err = run_cli(
+        "compress", "merge-adapters", adapters[0], adapters[1], "--out", tmp_path / "o",
+        "--weight", "1",
+    )  # fmt: skip
+    assert code != 0 and "--weight given 1 times for 2 adapters" in err
+    code, _, err = run_cli(
+        "compress", "merge-adapters", adapters[0], adapters[1], "--out", adapters[0], "--force"
+    )
+    assert code != 0 and "never writes over its inputs" in err
+    assert (adapters[0] / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "o").exists()

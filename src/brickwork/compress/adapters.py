@@ -336,9 +336,14 @@ class MergedAdapter:
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
+    inputs: list[Adapter] = field(default_factory=list)
 
     def save(self, out: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write a PEFT adapter directory (atomically, through the shared writer)."""
+        """Write a PEFT adapter directory (atomically, through the shared writer); an output
+        that is or lies inside an input adapter is refused."""
+        from ..merge.api import check_output_is_not_input
+
+        check_output_is_not_input(Path(out), {str(a.path): a.tensors for a in self.inputs})
         return write_adapter(out, self.tensors, self.config, force=force, extra=self.provenance)
 
 
@@ -476,7 +481,7 @@ def merge_adapters(
         "seed": seed,
         "inputs": {str(a.path): a.tensors.checksum() for a in ads},
     }
-    return MergedAdapter(out, config, prov)
+    return MergedAdapter(out, config, prov, ads)
 
 
 def _merge_module(

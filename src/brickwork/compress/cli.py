@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from . import cli_lora, cli_lowrank, cli_prune
+from . import cli_adapters, cli_lora, cli_lowrank, cli_prune
 
 compress_app = typer.Typer(
     help="Make one model smaller: extract LoRA adapters, prune, factorise into low rank.",
@@ -15,5 +15,5 @@ compress_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-for _part in (cli_lora, cli_prune, cli_lowrank):
+for _part in (cli_lora, cli_prune, cli_lowrank, cli_adapters):
     _part.register(compress_app)
