@@ -384,3 +384,13 @@ def test_cli_merge_adapters_errors(adapters, tmp_path, run_cli):
     assert code != 0 and "never writes over its inputs" in err
     assert (adapters[0] / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "o").exists()
+
+
+def test_model_plus_lora_with_a_missing_base_names_both(adapters, tmp_path):
+    import brickwork
+
+    key = f"{tmp_path / 'nobase'}+{adapters[0]}"
+    with pytest.raises(
+        CheckpointError, match=r"base '.*nobase' and adapter '.*a1'.*does not exist"
+    ):
+        brickwork.merge({"method": "linear", "models": [{"model": key}]}, tmp_path / "o")

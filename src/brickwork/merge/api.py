@@ -42,10 +42,13 @@ def _open_path(recipe_dir: Path | None):
             base, _, lora = key.rpartition("+")
             from ..compress.adapters import AdapterCheckpoint
 
-            if not locate(lora).is_dir():
+            if not locate(lora).is_dir() or not locate(base).exists():
+                bad = f"adapter '{lora}' is not a directory" if not locate(lora).is_dir() else ""
+                bad = bad or f"base '{base}' does not exist"
                 raise CheckpointError(
-                    f"model '{key}': read as BASE+ADAPTER (mergekit's model+lora), but the "
-                    f"adapter '{lora}' is not a directory. Give a PEFT adapter folder."
+                    f"model '{key}': read as BASE+ADAPTER (mergekit's model+lora) with base "
+                    f"'{base}' and adapter '{lora}', but the {bad}. Give an existing base model "
+                    "and a PEFT adapter folder."
                 )
             return AdapterCheckpoint(open_one(base), locate(lora))
         if p.is_dir() and (p / "adapter_config.json").is_file():
