@@ -298,7 +298,7 @@ def factorize_model(
         replace_module(new, path, low)
         after = r * (m + n) + (m if mod.bias is not None else 0)
         reports.append(LayerReport(path, (m, n), r, before, after, ridge))
-    return new.eval() if not model.training else new, reports
+    return new, reports
 
 
 def gram_statistics(
