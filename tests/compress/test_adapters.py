@@ -55,7 +55,7 @@ def adapters(llama_family, tmp_path_factory):
     )  # fmt: skip
     a2 = _make_adapter(
         llama_family.base, root / "a2", 2, r=4, lora_alpha=4, target_modules=TARGETS_2,
-        use_rslora=True, rank_pattern={"k_proj": 4}, alpha_pattern={"down_proj": 12},
+        use_rslora=True, rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 12},
     )  # fmt: skip
     a3 = _make_adapter(
         llama_family.base, root / "a3", 3, r=2, lora_alpha=2, target_modules=["q_proj"]
@@ -394,3 +394,25 @@ def test_model_plus_lora_with_a_missing_base_names_both(adapters, tmp_path):
         CheckpointError, match=r"base '.*nobase' and adapter '.*a1'.*does not exist"
     ):
         brickwork.merge({"method": "linear", "models": [{"model": key}]}, tmp_path / "o")
+
+
+def test_adapter_checkpoint_formula_written_out(llama_family, adapters):
+    """W + alpha/sqrt(r) * B @ A for the rslora adapter's k_proj (rank_pattern r = 2) and
+    down_proj (alpha_pattern alpha = 12, r = 4); embeddings W + alpha/sqrt(r) (B @ A)ᵀ."""
+    from safetensors.torch import load_file
+
+    sd = load_file(adapters[1] / "adapter_model.safetensors")
+    base = open_checkpoint(llama_family.base)
+    ck = AdapterCheckpoint(base, adapters[1])
+    p = "base_model.model.model."
+    for module, alpha, r in (
+        ("layers.1.self_attn.k_proj", 4, 2),
+        ("layers.0.mlp.down_proj", 12, 4),
+    ):
+        A, B = sd[f"{p}{module}.lora_A.weight"], sd[f"{p}{module}.lora_B.weight"]
+        assert A.shape[0] == r
+        want = base.get(f"model.{module}.weight") + alpha / r**0.5 * B @ A
+        assert torch.allclose(ck.get(f"model.{module}.weight"), want, atol=1e-6)
+    A, B = sd[f"{p}embed_tokens.lora_embedding_A"], sd[f"{p}embed_tokens.lora_embedding_B"]
+    want = sd[f"{p}embed_tokens.base_layer.weight"] + 4 / 4**0.5 * (B @ A).T
+    assert torch.allclose(ck.get("model.embed_tokens.weight"), want, atol=1e-6)
