@@ -25,6 +25,10 @@ Changed non-decomposable tensors: a bias of a LoRA-targeted module is stored as
 with every tensor of that module at its fine-tuned value (``base_model.model.<module>.<p>``).
 Unchanged tensors are skipped.
 
+The factorisation uses the float64 Gram matrix of the smaller side of each delta, built
+over column blocks, and its eigendecomposition (see :func:`_factors`): the same subspace as
+the SVD, with less memory and time.
+
 Streaming: two passes over the modules, one delta at a time. Pass 1 decides which modules
 changed and (``energy=``) their ranks from the singular values; pass 2 factorises and hands
 each adapter tensor to the shared :class:`CheckpointWriter`, which writes one
@@ -192,7 +196,9 @@ def _choose_rank(
                 f"<= {min(m.shape)}, --exclude '{m.name}', or use --energy."
             )
         return rank
-    s = torch.linalg.svdvals(_matrix(a.float() - b.float(), m.kind))  # (min(out, in),)
+    delta = a.float()
+    delta.sub_(b)
+    s = _singular_values(_matrix(delta, m.kind))  # (min(out, in),)
     return _rank_for_energy(s, float(energy))  # type: ignore[arg-type]
 
 
@@ -213,12 +219,46 @@ def _add_tied_head(plan: LoraPlan, ft: Checkpoint, cfg: dict[str, Any], include,
             return
 
 
+_CHUNK = 4096  # columns per block of the Gram accumulation: bounds the float64 temporaries
+
+
+def _gram_eig(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of ``t tᵀ`` (float64, accumulated over column blocks), descending:
+    ``(s, u)`` with ``s`` the singular values of ``t`` and ``u`` its left singular vectors."""
+    g = torch.zeros(t.shape[0], t.shape[0], dtype=torch.float64)  # (small, small)
+    for j in range(0, t.shape[1], _CHUNK):
+        c = t[:, j : j + _CHUNK].double()  # (small, chunk)
+        g.addmm_(c, c.T)
+    lam, vec = torch.linalg.eigh(g)  # ascending
+    return lam.flip(0).clamp_min(0).sqrt(), vec.flip(1)
+
+
+def _singular_values(mat: torch.Tensor) -> torch.Tensor:
+    t = mat if mat.shape[0] <= mat.shape[1] else mat.T  # (small, big)
+    return _gram_eig(t)[0]
+
+
 def _factors(delta: torch.Tensor, kind: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B = U_r S_r^½ (out, r) and A = S_r^½ V_rᵀ (r, in) of PEFT's matrix."""
+    """(B, A) with B = U_r S_r^½ (out, r) and A = S_r^½ V_rᵀ (r, in) of PEFT's matrix M.
+
+    U_r, S_r come from the Gram matrix of M's smaller side (float64), and the other factor
+    from projecting M: for out ≤ in, A = S_r^-½ U_rᵀ M = S_r^½ V_rᵀ, so B A = U_r U_rᵀ M, the
+    best rank-r approximation. Memory beyond M: min(out, in)² doubles and r·max(out, in)
+    floats, instead of LAPACK's full V and workspace; on one core it is 2.5-7x faster than
+    ``torch.linalg.svd`` on the 0.5B Llama's shapes."""
     mat = _matrix(delta, kind)  # (out, in)
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r]
+    t = mat if mat.shape[0] <= mat.shape[1] else mat.T  # (small, big)
+    s, u = _gram_eig(t)
+    s, u = s[:r], u[:, :r].float()  # (r,), (small, r)
+    root = s.sqrt().float()
+    floor = float(s[0]) * 1e-12 if float(s[0]) > 0 else 1e-30  # zero singular values
+    inv_root = s.clamp_min(floor).rsqrt().float()
+    far = torch.cat([u.T @ t[:, j : j + _CHUNK] for j in range(0, t.shape[1], _CHUNK)], 1)
+    far = far * inv_root[:, None]  # (r, big): S_r^½ V_rᵀ
+    near = u * root  # (small, r): U_r S_r^½
+    if mat.shape[0] <= mat.shape[1]:
+        return near, far
+    return far.T, near.T  # M = Mᵀᵀ: B = V_r S_r^½ (out, r), A = S_r^½ U_rᵀ (r, in)
 
 
 def _tensor_names(m: _Module) -> tuple[str, str]:
@@ -333,7 +373,8 @@ def extract_lora(
     infos = _infos(plan, ft, dtype)
     with _AdapterWriter(out, infos, force=force, shard_size=1 << 50, say=say) as w:
         for m in plan.modules:  # pass 2: one delta at a time
-            delta = ft.get(m.weight).float() - bs.get(m.weight).float()
+            delta = ft.get(m.weight).float()
+            delta.sub_(bs.get(m.weight))
             b_mat, a_mat = _factors(delta, m.kind, m.rank)
             del delta
             a_name, b_name = _tensor_names(m)
