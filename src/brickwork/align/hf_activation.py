@@ -59,7 +59,10 @@ def _reads(
         found = []
         for c in g.consumers:
             if c not in modules:
-                raise AlignError(f"group '{g.name}' names consumer '{c}', no module of the model")
+                raise AlignError(
+                    f"group '{g.name}' names consumer '{c}', which is no module of the model; "
+                    "pass a spec derived from this model (hf_permutation_spec / spec=None)."
+                )
             axis = _in_axis(modules[c])
             for m in g.members:
                 if m.tensor == f"{c}.weight":

@@ -260,7 +260,9 @@ def solve(
         plan = ot.emd(mu, nu, c, numItermax=10_000_000)
     else:
         if not reg > 0:
-            raise AlignError(f"Sinkhorn needs reg > 0, got {reg}.")
+            raise AlignError(
+                f"Sinkhorn needs reg > 0, got {reg}; pass e.g. reg=0.01 or solver='emd'."
+            )
         plan = ot.sinkhorn(
             mu, nu, c, reg, method="sinkhorn_stabilized", numItermax=100_000, stopThr=1e-10
         )
@@ -512,13 +514,19 @@ def ot_fusion(
             f"{[type(m).__name__ for m in models]}."
         )
     if not -len(models) <= target < len(models):
-        raise AlignError(f"target={target} is out of range for {len(models)} models.")
+        raise AlignError(
+            f"target={target} is out of range for {len(models)} models; pass an index in "
+            f"0 … {len(models) - 1}."
+        )
     target %= len(models)
     if weights is None:
         weights = [1.0] * len(models)
     weights = [float(w) for w in weights]
     if len(weights) != len(models):
-        raise AlignError(f"ot_fusion got {len(weights)} weights for {len(models)} models.")
+        raise AlignError(
+            f"ot_fusion got {len(weights)} weights for {len(models)} models; pass one weight "
+            "per model (or weights=None for uniform)."
+        )
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
         raise AlignError(
             f"ot_fusion weights must be finite, non-negative and not all 0; got {weights}."

@@ -242,10 +242,12 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any]) -> nn.Module:
     norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return out
-    if any(not m.track_running_stats for m in norms):
+    untracked = [n for n, m in out.named_modules() if m in norms and not m.track_running_stats]
+    if untracked:
         raise AlignError(
-            "reset_bn_stats: a BatchNorm has track_running_stats=False, so it has no running "
-            "statistics to reset."
+            f"reset_bn_stats: BatchNorm {untracked[:3]} has track_running_stats=False, so it "
+            "has no running statistics to reset; build it with track_running_stats=True (its "
+            "batch statistics are used in every mode already)."
         )
     flags = [(m, m.training) for m in out.modules()]
     momenta = [m.momentum for m in norms]

@@ -201,7 +201,11 @@ def _placement(spec: PermutationSpec, child: str) -> tuple[int, list[tuple[Membe
                 out.append((cm, pm, start - position * pm.block))
                 break
         else:
-            raise ValueError(f"member {cm} of nested group {child} lies in no unit of {c.parent}")
+            raise AlignError(
+                f"member {cm} of nested group '{child}' lies in no unit of its parent "
+                f"'{c.parent}'; a nested group's members must index inside the parent's "
+                "units (same tensor and axis)."
+            )
     return position, out
 
 

@@ -224,7 +224,10 @@ def _check_models(models: Sequence[nn.Module]) -> PermutationSpec:
         _common_spec(models[0], other)
     nested = [g.name for g in spec.groups if getattr(g, "parent", None) is not None]
     if nested:
-        raise AlignError(f"zipit does not support nested permutation groups ({nested}).")
+        raise AlignError(
+            f"zipit does not support nested permutation groups ({nested}); align these "
+            "models with method='weight' or 'activation' instead."
+        )
     return spec
 
 
