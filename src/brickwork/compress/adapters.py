@@ -291,7 +291,7 @@ class AdapterCheckpoint(Checkpoint):
     def get(self, name: str, *, buffer: torch.Tensor | None = None) -> torch.Tensor:
         ad = self.adapter
         if name in ad.replaced:
-            t = ad.tensors.get(ad.replaced[name])
+            t = ad.tensors.get(ad.replaced[name]).to(self._infos[name].dtype)  # base's dtype
         else:
             t = self.base.get(name, buffer=buffer)
         m = self._deltas.get(name)
