@@ -117,11 +117,11 @@ def check_compatible(
             f"models A and B have different tensors: {', '.join(diff[:5])} "
             "exist in only one of them. OT fusion needs the same layers (widths may differ)."
         )
-    moves_a = spec_a.members_of()
+    moves_a, moves_b = spec_a.members_of(), spec_b.members_of()
     for name, t_a in sd_a.items():
         t_b = sd_b[name]
         fixed_a, fixed_b = list(t_a.shape), list(t_b.shape)
-        for (g_a, m), (g_b, _) in zip(moves_a.get(name, []), spec_b.members_of().get(name, [])):
+        for (g_a, m), (g_b, _) in zip(moves_a.get(name, []), moves_b.get(name, [])):
             fixed_a[m.axis] -= g_a.size * m.block
             fixed_b[m.axis] -= g_b.size * m.block
         if t_a.dim() != t_b.dim() or fixed_a != fixed_b:
