@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--skip-mergekit", action="store_true", help="time brickwork only")
     ap.add_argument("--agreement-rank", type=int, default=8)
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args(argv)
     from rich.console import Console
 
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     result["torch"] = torch.__version__
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     console.print(json.dumps(sets, indent=1))
-    res = ROOT / "benchmarks/results" / f"compress_lora_{args.size}.json"
+    res = (
+        ROOT / "benchmarks/results" / f"compress_lora_{args.size}{args.tag and '_' + args.tag}.json"
+    )
     res.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {res}")
 

@@ -202,16 +202,16 @@ def test_adapter_on_a_mismatched_base_is_refused_by_shape(
     assert "mlp.gate_proj" in str(e.value)
 
 
-@pytest.mark.parametrize("shape", [(40, 30), (30, 40)])
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40), (5000, 20), (20, 5000)])
 def test_factors_of_a_rank_deficient_delta(shape):
     """A rank-5 delta (e.g. a merged LoRA): full rank is finite and exact; rank 5 is exact too;
     B = U S^½, A = S^½ Vᵀ (B's columns and A's rows have the same norms, sqrt(s_i))."""
-    from brickwork.compress.lora import _factors
+    from brickwork.compress.lora import _Delta, _factors
 
     g = torch.Generator().manual_seed(0)
     m = torch.randn(shape[0], 5, generator=g) @ torch.randn(5, shape[1], generator=g)
     for r in (min(shape), 5):
-        b, a = _factors(m, "linear", r)
+        b, a = _factors(_Delta(m, torch.zeros_like(m), "linear"), r)
         assert b.shape == (shape[0], r) and a.shape == (r, shape[1])
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         torch.testing.assert_close(b @ a, m, atol=1e-4, rtol=0)

@@ -196,9 +196,7 @@ def _choose_rank(
                 f"<= {min(m.shape)}, --exclude '{m.name}', or use --energy."
             )
         return rank
-    delta = a.float()
-    delta.sub_(b)
-    s = _singular_values(_matrix(delta, m.kind))  # (min(out, in),)
+    s = _gram_eig(_Delta(a, b, m.kind))[0]  # (min(out, in),)
     return _rank_for_energy(s, float(energy))  # type: ignore[arg-type]
 
 
@@ -219,46 +217,61 @@ def _add_tied_head(plan: LoraPlan, ft: Checkpoint, cfg: dict[str, Any], include,
             return
 
 
-_CHUNK = 4096  # columns per block of the Gram accumulation: bounds the float64 temporaries
+_CHUNK = 4096  # columns per block: bounds the float32 / float64 temporaries
 
 
-def _gram_eig(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _Delta:
+    """``ft − base`` of one weight, never materialised whole: column blocks of ``t``, the
+    matrix PEFT adds (``_matrix``) or its transpose, whichever is wide (small, big)."""
+
+    def __init__(self, ft: torch.Tensor, base: torch.Tensor, kind: str) -> None:
+        self.ft, self.base = ft, base  # stored orientation, stored dtype
+        out, inn = _matrix(ft, kind).shape
+        self.wide = out <= inn  # t = PEFT's matrix (else its transpose)
+        # t equals the stored tensor when PEFT's matrix is stored as is and is wide, or when
+        # it is stored transposed (Conv1D, Embedding) and is tall
+        self.stored_is_t = (kind == "linear") == self.wide
+        self.shape = (min(out, inn), max(out, inn))
+
+    def block(self, j0: int, j1: int) -> torch.Tensor:
+        if self.stored_is_t:
+            return self.ft[:, j0:j1].float() - self.base[:, j0:j1].float()  # (small, chunk)
+        return (self.ft[j0:j1].float() - self.base[j0:j1].float()).T  # (small, chunk)
+
+    def blocks(self):
+        for j in range(0, self.shape[1], _CHUNK):
+            yield self.block(j, min(j + _CHUNK, self.shape[1]))
+
+
+def _gram_eig(d: _Delta) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of ``t tᵀ`` (float64, accumulated over column blocks), descending:
     ``(s, u)`` with ``s`` the singular values of ``t`` and ``u`` its left singular vectors."""
-    g = torch.zeros(t.shape[0], t.shape[0], dtype=torch.float64)  # (small, small)
-    for j in range(0, t.shape[1], _CHUNK):
-        c = t[:, j : j + _CHUNK].double()  # (small, chunk)
+    g = torch.zeros(d.shape[0], d.shape[0], dtype=torch.float64)  # (small, small)
+    for c in d.blocks():
+        c = c.double()  # (small, chunk)
         g.addmm_(c, c.T)
     lam, vec = torch.linalg.eigh(g)  # ascending
     return lam.flip(0).clamp_min(0).sqrt(), vec.flip(1)
 
 
-def _singular_values(mat: torch.Tensor) -> torch.Tensor:
-    t = mat if mat.shape[0] <= mat.shape[1] else mat.T  # (small, big)
-    return _gram_eig(t)[0]
-
-
-def _factors(delta: torch.Tensor, kind: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(d: _Delta, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B = U_r S_r^½ (out, r) and A = S_r^½ V_rᵀ (r, in) of PEFT's matrix M.
 
     U_r, S_r come from the Gram matrix of M's smaller side (float64), and the other factor
     from projecting M: for out ≤ in, A = S_r^-½ U_rᵀ M = S_r^½ V_rᵀ, so B A = U_r U_rᵀ M, the
-    best rank-r approximation. Memory beyond M: min(out, in)² doubles and r·max(out, in)
-    floats, instead of LAPACK's full V and workspace; on one core it is 2.5-7x faster than
-    ``torch.linalg.svd`` on the 0.5B Llama's shapes."""
-    mat = _matrix(delta, kind)  # (out, in)
-    t = mat if mat.shape[0] <= mat.shape[1] else mat.T  # (small, big)
-    s, u = _gram_eig(t)
+    best rank-r approximation. Memory beyond the two stored inputs: min(out, in)² doubles,
+    r·max(out, in) floats and one column block, instead of the float32 delta, LAPACK's full
+    V and workspace; on one core it is 2.5-7x faster than ``torch.linalg.svd`` on the 0.5B
+    Llama's shapes."""
+    s, u = _gram_eig(d)
     s, u = s[:r], u[:, :r].float()  # (r,), (small, r)
-    root = s.sqrt().float()
     floor = float(s[0]) * 1e-12 if float(s[0]) > 0 else 1e-30  # zero singular values
     inv_root = s.clamp_min(floor).rsqrt().float()
-    far = torch.cat([u.T @ t[:, j : j + _CHUNK] for j in range(0, t.shape[1], _CHUNK)], 1)
-    far = far * inv_root[:, None]  # (r, big): S_r^½ V_rᵀ
-    near = u * root  # (small, r): U_r S_r^½
-    if mat.shape[0] <= mat.shape[1]:
+    far = torch.cat([u.T @ c for c in d.blocks()], 1) * inv_root[:, None]  # (r, big)
+    near = u * s.sqrt().float()  # (small, r): U_r S_r^½
+    if d.wide:
         return near, far
-    return far.T, near.T  # M = Mᵀᵀ: B = V_r S_r^½ (out, r), A = S_r^½ U_rᵀ (r, in)
+    return far.T, near.T  # M = tᵀ: B = V_r S_r^½ (out, r), A = S_r^½ U_rᵀ (r, in)
 
 
 def _tensor_names(m: _Module) -> tuple[str, str]:
@@ -373,10 +386,9 @@ def extract_lora(
     infos = _infos(plan, ft, dtype)
     with _AdapterWriter(out, infos, force=force, shard_size=1 << 50, say=say) as w:
         for m in plan.modules:  # pass 2: one delta at a time
-            delta = ft.get(m.weight).float()
-            delta.sub_(bs.get(m.weight))
-            b_mat, a_mat = _factors(delta, m.kind, m.rank)
-            del delta
+            d = _Delta(ft.get(m.weight), bs.get(m.weight), m.kind)
+            b_mat, a_mat = _factors(d, m.rank)
+            del d
             a_name, b_name = _tensor_names(m)
             w.write(a_name, a_mat)
             w.write(b_name, b_mat)
