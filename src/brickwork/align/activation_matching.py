@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brickwork.align.calibration import Moments, evaluating, hooked, run_batch
+from brickwork.align.calibration import cross_moments, hooked, run_batch
 from brickwork.align.spec import PermutationSpec
 from brickwork.align.weight_matching import linear_assignment
 from brickwork.errors import DataError
@@ -82,13 +82,10 @@ def activation_matching(
 
     ``data`` is an iterable of batches; a batch is passed as ``model(batch)``, a tuple/list as
     ``model(*batch)`` and a dict as ``model(**batch)``."""
-    moments = {(g.name, c): Moments() for g in spec.groups for c in g.consumers}
-    with evaluating(model_a, model_b):
-        for batch in data:
-            z_a = _collect(model_a, spec, batch)
-            z_b = _collect(model_b, spec, batch)
-            for key, m in moments.items():
-                m.add(z_a[key], z_b[key])
+    keys = [(g.name, c) for g in spec.groups for c in g.consumers]
+    moments = cross_moments(
+        model_a, model_b, data, keys, lambda model, batch: _collect(model, spec, batch)
+    )
     if not spec.groups:
         return {}
     if any(m.n < 2 for m in moments.values()):

@@ -11,8 +11,8 @@ hooks are removed and train/eval flags restored, even when the forward pass fail
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from brickwork.stats.collect import call
 
 _EPS = 1e-12
+K = TypeVar("K", bound=Hashable)
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -83,6 +84,24 @@ def real_tokens(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is not None and z.dim() == 3 and tuple(z.shape[:2]) == tuple(mask.shape):
         return z[mask.bool()]  # (real tokens, features)
     return z
+
+
+def cross_moments(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any],
+    keys: Iterable[K],
+    collect: Callable[[nn.Module, Any], Mapping[K, torch.Tensor]],
+) -> dict[K, Moments]:
+    """``{key: Moments}`` of A's and B's activations over ``data``, ``collect(model, batch)``
+    reading ``{key: activations}`` of one batch (both models in eval mode, no grad)."""
+    moments = {key: Moments() for key in keys}
+    with evaluating(model_a, model_b):
+        for batch in data:
+            z_a, z_b = collect(model_a, batch), collect(model_b, batch)
+            for key, m in moments.items():
+                m.add(z_a[key], z_b[key])
+    return moments
 
 
 class Moments:

@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from brickwork.align.calibration import (
-    Moments,
     attention_mask,
-    evaluating,
+    cross_moments,
     hooked,
     real_tokens,
     run_batch,
@@ -122,12 +121,9 @@ def feature_matching(
     reads = _reads(spec, mods_b)
     _reads(spec, mods_a)
     keys = {key for found in reads.values() for key, _ in found}
-    cross = {key: Moments() for key in keys}
-    with evaluating(model_a, model_b):
-        for batch in data:
-            z_a, z_b = _collect(model_a, keys, batch), _collect(model_b, keys, batch)
-            for key in keys:
-                cross[key].add(z_a[key], z_b[key])
+    cross = cross_moments(
+        model_a, model_b, data, keys, lambda model, batch: _collect(model, keys, batch)
+    )
     if not spec.groups:
         return {}
     if min(c.n for c in cross.values()) < 2:
