@@ -130,6 +130,8 @@ def test_default_layers_are_the_transformer_layers(models):
     ]
     with pytest.raises(RecipeError, match="matches no linear layer"):
         select_layers(models["llama"], include=["*.mlpp.*"])
+    with pytest.raises(RecipeError, match="'lm_head'.* tied to 'transformer.wte.weight'"):
+        select_layers(models["gpt2"], include=["lm_head"])
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.8, 1.0])

@@ -178,6 +178,16 @@ def select_layers(
     else:
         chosen = {n: m for n, m in linears.items() if layer_name(n + ".weight") is not None}
     chosen = {n: m for n, m in chosen.items() if not any(_matches(n, p) for p in exclude)}
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for n, m in chosen.items():
+        tied = [o for o in owners.get(id(m.weight), []) if o != f"{n}.weight"]
+        if tied:
+            raise RecipeError(
+                f"layer '{n}': its weight is tied to '{tied[0]}' (a shared tensor); "
+                "factorising it would untie them. Leave it out (exclude pattern)."
+            )
     if not chosen:
         raise RecipeError(
             f"no linear layer of {type(model).__name__} is selected for factorisation "
