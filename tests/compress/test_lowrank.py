@@ -409,3 +409,18 @@ def test_cp_sequence_computes_its_kernel_and_recovers_a_low_rank_kernel():
         torch.testing.assert_close(cp(x), net(x), atol=1e-3, rtol=1e-3)
     with pytest.raises(RecipeError, match="not a Conv2d"):
         factorize_conv(net, method="cp", rank=2, include=["1"])
+
+
+def test_cli_filters_and_force(run_cli, tmp_path, llama_family):
+    o = tmp_path / "o"
+    args = ["compress", "lowrank", llama_family.base, o, "--rank", "8", "-q"]
+    code, out, err = run_cli(*args, "--include", "*.mlp.*", "--exclude", "*down_proj")
+    assert code == 0, out + err
+    meta = json.loads((o / "brickwork.json").read_text())
+    assert sorted(e["path"] for e in meta["lowrank"]) == [
+        f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")
+    ]
+    code, out, err = run_cli(*args, "--force")  # default layers now, replacing the output
+    assert code == 0, out + err
+    meta = json.loads((o / "brickwork.json").read_text())
+    assert len(meta["lowrank"]) == 14 and meta["settings"]["rank"] == 8
