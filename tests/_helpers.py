@@ -44,3 +44,20 @@ def copies_of(ffn, moe) -> None:
         if moe.b_in is not None:
             moe.b_in.copy_(ffn.w_in.bias.expand_as(moe.b_in))
             moe.b_out.copy_(ffn.w_out.bias.expand_as(moe.b_out))
+
+
+def permuted_copy(model, seed: int):
+    """``(copy of model with every group of its fx permutation spec randomly permuted (seeded),
+    {group: perm})`` for the align tests."""
+    import copy
+
+    import torch
+
+    from brickwork.align.spec import apply_permutations, permutation_spec
+
+    spec = permutation_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    perms = {group.name: torch.randperm(group.size, generator=g) for group in spec.groups}
+    out = copy.deepcopy(model)
+    out.load_state_dict(apply_permutations(model.state_dict(), spec, perms))
+    return out, perms

@@ -8,10 +8,9 @@ formula written out for a 2-layer MLP.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from _helpers import permuted_copy
 from torch import nn
 
 import brickwork
@@ -48,19 +47,6 @@ def _mlp(kind: str, seed: int, width: int = 24) -> nn.Module:
 
 def _pairs(group) -> tuple[tuple[str, int], ...]:
     return tuple((m.tensor, m.axis) for m in group.members)
-
-
-def _random_perms(spec, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {group.name: torch.randperm(group.size, generator=g) for group in spec.groups}
-
-
-def _permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    spec = permutation_spec(model)
-    perms = _random_perms(spec, seed)
-    out = copy.deepcopy(model)
-    out.load_state_dict(apply_permutations(model.state_dict(), spec, perms))
-    return out, perms
 
 
 def _data(n_batches: int = 4, seed: int = 1) -> list[torch.Tensor]:
@@ -159,7 +145,7 @@ def test_layernorm_over_other_units_is_an_error():
 @pytest.mark.parametrize("kind", KINDS)
 def test_permuting_units_preserves_the_function(kind):
     model = _mlp(kind, 0)
-    permuted, _ = _permuted_copy(model, seed=3)
+    permuted, _ = permuted_copy(model, seed=3)
     x = _data(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=0)
@@ -202,7 +188,7 @@ def test_aligning_onto_a_permuted_copy_recovers_permutation_and_weights(kind, me
         for group in permutation_spec(model).groups:
             consumer = int(group.consumers[0])
             assert (model[:consumer](x).std(0) > 1e-3).all()
-    permuted, true = _permuted_copy(model, seed=5)
+    permuted, true = permuted_copy(model, seed=5)
     aligned, perms = brickwork.align(model, permuted, method=method, data=_data())
     for name, p in true.items():
         # permuted unit i = original unit p[i]; undoing it reads unit argsort(p)[i]
@@ -293,7 +279,7 @@ def test_functional_module_with_dict_batches(method):
         ("fc2.weight", 1),
     )
     assert [g.name for g in spec.groups] == ["fc1", "fc2"]
-    permuted, true = _permuted_copy(model, seed=2)
+    permuted, true = permuted_copy(model, seed=2)
     data = [{"x": x, "scale": 2.0} for x in _data()]
     aligned, perms = brickwork.align(model, permuted, method=method, data=data)
     assert all(torch.equal(perms[k], torch.argsort(p)) for k, p in true.items())

@@ -14,10 +14,11 @@ import copy
 
 import pytest
 import torch
+from _helpers import permuted_copy
 from torch import nn
 
 import brickwork
-from brickwork.align import apply_permutations, permutation_spec, repair, reset_bn_stats
+from brickwork.align import permutation_spec, repair, reset_bn_stats
 from brickwork.align.repair import _measure, _producers
 from brickwork.errors import AlignError
 
@@ -80,15 +81,6 @@ def _resnet(seed: int) -> nn.Module:
 def _images(n_batches: int = 4, seed: int = 1, shape=(1, 8, 8)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(32, *shape, generator=g) for _ in range(n_batches)]
-
-
-def _permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    spec = permutation_spec(model)
-    g = torch.Generator().manual_seed(seed)
-    perms = {group.name: torch.randperm(group.size, generator=g) for group in spec.groups}
-    out = copy.deepcopy(model)
-    out.load_state_dict(apply_permutations(model.state_dict(), spec, perms))
-    return out, perms
 
 
 def _pairs(group) -> set[tuple[str, int]]:
@@ -176,7 +168,7 @@ def test_flatten_block_groupnorm_block_depthwise_and_mean_pool():
     assert spec["conv"].producers == ("norm",)
     fc_in = [m for m in spec["conv2"].members if m.tensor == "fc.weight"]
     assert fc_in == [fc_in[0]._replace(axis=1, block=16)]
-    permuted, _ = _permuted_copy(model, seed=4)
+    permuted, _ = permuted_copy(model, seed=4)
     x = torch.randn(5, 2, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=0)
@@ -188,7 +180,7 @@ def test_flatten_block_groupnorm_block_depthwise_and_mean_pool():
 @pytest.mark.parametrize("seed", [3, 4])
 def test_permuting_a_resnet_preserves_its_function(seed):
     model = _resnet(0)
-    permuted, perms = _permuted_copy(model, seed)
+    permuted, perms = permuted_copy(model, seed)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
     x = torch.randn(6, 1, 8, 8)
     with torch.no_grad():
@@ -199,7 +191,7 @@ def test_permuting_a_resnet_preserves_its_function(seed):
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_aligning_a_resnet_onto_a_permuted_copy_recovers_perms_and_weights(method):
     model = _resnet(0)
-    permuted, true = _permuted_copy(model, seed=5)
+    permuted, true = permuted_copy(model, seed=5)
     data = _images()
     before = {k: v.clone() for k, v in permuted.state_dict().items()}
     aligned, perms = brickwork.align(model, permuted, method=method, data=data)

@@ -10,16 +10,15 @@ merge / unmerge matrices written out by hand.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from _helpers import permuted_copy
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import brickwork
-from brickwork.align import apply_permutations, permutation_spec
+from brickwork.align import permutation_spec
 from brickwork.align.ot_fusion import ot_fusion, solve, transport_maps, transport_state_dict
 from brickwork.align.zipit import ZippedEnsemble, match, zipit
 from brickwork.errors import AlignError, DataError, UnknownNameError
@@ -55,15 +54,6 @@ def _mlp(kind: str, seed: int, width: int = 16, width2: int | None = None) -> nn
 def _data(n_batches: int = 4, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(64, 8, generator=g, dtype=torch.float64) for _ in range(n_batches)]
-
-
-def _permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    spec = permutation_spec(model)
-    g = torch.Generator().manual_seed(seed)
-    perms = {group.name: torch.randperm(group.size, generator=g) for group in spec.groups}
-    out = copy.deepcopy(model)
-    out.load_state_dict(apply_permutations(model.state_dict(), spec, perms))
-    return out, perms
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -103,7 +93,7 @@ def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", KINDS)
 def test_ot_emd_onto_a_permuted_copy_is_the_permutation(kind, with_data):
     model = _mlp(kind, 0)
-    permuted, true = _permuted_copy(model, seed=5)
+    permuted, true = permuted_copy(model, seed=5)
     moved, plans = brickwork.align(
         model, permuted, method="ot", data=_data() if with_data else None
     )
@@ -228,8 +218,8 @@ def test_fusion_weights_one_zero_give_the_target_and_inputs_are_untouched():
     assert b.training and not a.training
     assert torch.isfinite(_out(fused.eval(), x)).all()
     # a model fused with permuted copies of itself is itself
-    p1, _ = _permuted_copy(a, 1)
-    p2, _ = _permuted_copy(a, 2)
+    p1, _ = permuted_copy(a, 1)
+    p2, _ = permuted_copy(a, 2)
     torch.testing.assert_close(_out(ot_fusion([a, p1, p2]), x), _out(a, x), atol=1e-5, rtol=0)
 
 
@@ -261,7 +251,7 @@ def test_ot_fusion_errors():
 @pytest.mark.parametrize("kind", KINDS)
 def test_zipping_a_model_with_a_permuted_copy_gives_the_model(kind):
     model = _mlp(kind, 0)
-    permuted, _ = _permuted_copy(model, seed=3)
+    permuted, _ = permuted_copy(model, seed=3)
     before = _snapshot(permuted)
     x = _data(1, seed=7)[0]
     for stop_at in (None, 1):
@@ -410,11 +400,11 @@ def _resnet(seed: int) -> nn.Module:
 
 
 @pytest.mark.parametrize("with_data", [False, True], ids=["weight", "activation"])
-def test_ot_and_zipit_on_a_residual_cnn_permuted_copy(with_data):
+def test_ot_and_zipit_on_a_residual_cnnpermuted_copy(with_data):
     model = _resnet(0)
     spec = permutation_spec(model)
     assert len(spec.groups) == 3  # the residual stream and each block's inner channels
-    permuted, _ = _permuted_copy(model, seed=4)
+    permuted, _ = permuted_copy(model, seed=4)
     g = torch.Generator().manual_seed(3)
     data = [torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(2)]
     moved, _ = brickwork.align(model, permuted, method="ot", data=data if with_data else None)
