@@ -334,3 +334,9 @@ def test_zero_sparsity_returns_the_model(llama_family, calib, method):
     res = prune_module(model, method, sparsity=0.0, batches=batches)
     sd = model.state_dict()
     assert res.tensors and all(torch.equal(t, sd[n]) for n, t in res.tensors.items())
+
+
+def test_ties_at_the_threshold_prune_exactly_the_count():
+    w = torch.tensor([[0.5, 1.0, 1.0, 1.0, 1.0, 2.0, -1.0, 3.0]])
+    keep = magnitude_mask(w, sparsity=0.5)  # 4 of 8: the 0.5 and the first three |1.0|
+    assert keep.tolist() == [[False, False, False, False, True, True, True, True]]

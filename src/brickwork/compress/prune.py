@@ -126,12 +126,19 @@ def _check_nm_shape(name: str, w: torch.Tensor, nm: tuple[int, int] | None) -> N
 
 def _keep_largest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Mask of ``scores`` (any shape) with its ``n_prune`` smallest entries pruned (exactly
-    that many; ties broken by position)."""
+    that many; among entries equal to the threshold the first ones by position go). A
+    ``kthvalue`` threshold, not a ``topk``: memory is the scores and one bool mask, not
+    ``n_prune`` values and int64 indices besides."""
     flat = scores.reshape(-1)
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    if n_prune > 0:
-        idx = torch.topk(flat, n_prune, largest=False, sorted=False).indices
-        keep[idx] = False
+    if n_prune <= 0:
+        return torch.ones(scores.shape, dtype=torch.bool)
+    if n_prune >= flat.numel():
+        return torch.zeros(scores.shape, dtype=torch.bool)
+    v = torch.kthvalue(flat, n_prune).values
+    keep = flat > v
+    ties = torch.nonzero(flat == v).flatten()  # pruned so far: the entries below v
+    left = n_prune - (flat.numel() - int(keep.sum()) - ties.numel())
+    keep[ties[left:]] = True
     return keep.reshape(scores.shape)
 
 
