@@ -105,7 +105,7 @@ def check_compatible(
             f"{[(g.name, g.size) for g in spec_b.groups]}. OT fusion needs the same layers "
             "(widths may differ)."
         )
-    nested = [g.name for g in spec_a.groups if getattr(g, "parent", None) is not None]
+    nested = [g.name for g in spec_a.groups if g.parent is not None]
     if nested:
         raise AlignError(
             f"OT fusion does not support nested permutation groups ({', '.join(nested)}); "

@@ -222,7 +222,7 @@ def _check_models(models: Sequence[nn.Module]) -> PermutationSpec:
     spec = _common_spec(models[0], models[1])
     for other in models[2:]:
         _common_spec(models[0], other)
-    nested = [g.name for g in spec.groups if getattr(g, "parent", None) is not None]
+    nested = [g.name for g in spec.groups if g.parent is not None]
     if nested:
         raise AlignError(
             f"zipit does not support nested permutation groups ({nested}); align these "
