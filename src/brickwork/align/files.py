@@ -38,7 +38,7 @@ from torch import nn
 
 from brickwork.align.spec import PermutationSpec, permute_tensor
 from brickwork.checkpoint.reader import Checkpoint, open_checkpoint
-from brickwork.errors import AlignError, unknown_name
+from brickwork.errors import AlignError, DataError, unknown_name
 
 FILE_METHODS = ("weight", "activation", "ot", "zip")
 _DATA_METHODS = ("activation", "zip")  # need --data; "ot" may use it
@@ -213,7 +213,7 @@ def align_checkpoints(
         perms, objective = res.perms, res.objective
     else:
         if data is None:
-            raise AlignError(
+            raise DataError(
                 "activation matching needs calibration data: pass --data FILE (text, .jsonl "
                 "or .safetensors of input_ids), or use --method weight, which needs none."
             )
