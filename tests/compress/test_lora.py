@@ -218,3 +218,17 @@ def test_factors_of_a_rank_deficient_delta(shape):
     s = torch.linalg.svdvals(m.double())[:5]
     torch.testing.assert_close(b.double().norm(dim=0), s.sqrt(), rtol=1e-4, atol=0)
     torch.testing.assert_close(a.double().norm(dim=1), s.sqrt(), rtol=1e-4, atol=0)
+
+
+def test_tied_head_without_its_lora_reproduces_once_merged(gpt2_pair, tmp_path):
+    """--exclude lm_head on a tied GPT-2: merging the embedding's LoRA updates the shared
+    weight, so the merged model is the fine-tune (the unmerged one is not: README)."""
+    from transformers import GPT2LMHeadModel
+
+    base, ft = gpt2_pair
+    out = extract_lora(ft, tmp_path / "a", base=base, energy=1.0, exclude=["lm_head"])
+    assert "lm_head" not in json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    with torch.no_grad():
+        want = GPT2LMHeadModel.from_pretrained(ft).eval()(input_ids=X)[0]
+        merged = _peft(GPT2LMHeadModel, base, out).merge_and_unload()(input_ids=X)[0]
+    torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)

@@ -17,7 +17,11 @@ Layouts, as PEFT stores them:
 * ``nn.Embedding`` weight ``(vocab, d)``: PEFT adds ``(B A)ᵀ``, so ``ΔWᵀ (d, vocab)`` is
   factorised into ``lora_embedding_A (r, vocab)`` and ``lora_embedding_B (d, r)``;
 * a tied LM head (no ``lm_head.weight`` stored, ``tie_word_embeddings``) gets the input
-  embedding's delta as its own LoRA, so the adapted head matches the fine-tune's too.
+  embedding's delta as its own LoRA, so the adapted head matches the fine-tune's too. The
+  adapter loaded by ``PeftModel.from_pretrained`` reproduces the fine-tune; PEFT's
+  ``merge_and_unload`` on such a model adds the delta twice to the one shared weight (a PEFT
+  limitation with tied weights): use it unmerged, or extract with ``--exclude lm_head`` for
+  an adapter that reproduces the fine-tune once merged (and only then).
 
 Changed non-decomposable tensors: a bias of a LoRA-targeted module is stored as
 ``<module>.base_layer.bias`` (PEFT's ``bias="lora_only"``); any other changed tensor (norms,
