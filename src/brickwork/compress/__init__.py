@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "prune_module": "brickwork.compress.prune",
     "sparsegpt_prune": "brickwork.compress.prune",
     "wanda_mask": "brickwork.compress.prune",
+    "prune_structured": "brickwork.compress.structured",
     "LowRankLinear": "brickwork.compress.lowrank",
     "factorize_model": "brickwork.compress.lowrank",
     "factorize_weight": "brickwork.compress.lowrank",

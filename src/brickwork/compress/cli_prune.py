@@ -51,6 +51,17 @@ def register(app: typer.Typer) -> None:
                 "(default: on for sparsegpt, off for wanda)",
             ),
         ] = None,
+        structured: Annotated[
+            str | None,
+            typer.Option(
+                help="remove whole units from the shapes instead: ffn, heads or ffn+heads "
+                "(--ratio; --method magnitude or wanda as importance)"
+            ),
+        ] = None,
+        ratio: Annotated[
+            float | None,
+            typer.Option(help="--structured: kept fraction of FFN units / heads per layer"),
+        ] = None,
         shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 5GB, 500MB")] = "5GB",
         force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines")] = False,
@@ -62,6 +73,22 @@ def register(app: typer.Typer) -> None:
         from .prune import prune as do_prune
 
         t0 = time.perf_counter()
+        if structured is not None:
+            from .structured import run_structured_cli
+
+            typer.echo(
+                run_structured_cli(
+                    model, out, structured=structured, ratio=ratio, method=method,
+                    sparsity=sparsity, nm=nm, data=data or [], n_examples=n_examples,
+                    batch_size=batch_size, max_length=max_length, force=force,
+                    shard_size=shard_size, t0=t0,
+                )
+            )  # fmt: skip
+            return
+        if ratio is not None:
+            from ..errors import RecipeError
+
+            raise RecipeError("--ratio applies to --structured pruning; use --sparsity here.")
         done = do_prune(
             model,
             out,
