@@ -295,3 +295,74 @@ def test_head_dim_is_written_when_the_source_config_derives_it(dirs, tmp_path):
     assert json.loads((tmp_path / "o" / "config.json").read_text())["head_dim"] == 8
     small = _load(tmp_path / "o")
     assert small.model.layers[0].self_attn.q_proj.weight.shape == (16, 32)
+
+
+# -- generic modules through the permutation spec ---------------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12), torch.nn.LayerNorm(12),
+        torch.nn.GELU(), torch.nn.Linear(12, 3),
+    ).eval()  # fmt: skip
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(6 * 4 * 4, 5),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("build,x", [(_mlp, torch.randn(5, 8)), (_cnn, torch.randn(2, 3, 4, 4))])
+def test_generic_module_zero_outgoing_units_are_removed_exactly(build, x):
+    from brickwork.align.spec import permutation_spec
+
+    model = build()
+    with torch.no_grad():
+        for m in model.modules():  # non-trivial BatchNorm statistics
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    spec = permutation_spec(model)
+    gen = torch.Generator().manual_seed(2)
+    alive = {}
+    consumers = {g.name: g.consumers for g in spec.groups}
+    with torch.no_grad():
+        for g in spec.groups:
+            owners = [model.get_submodule(m.tensor.rpartition(".")[0]) for m in g.members]
+            if any(isinstance(o, torch.nn.LayerNorm) for o in owners):
+                alive[g.name] = list(range(g.size))  # normalised together: kept whole
+                continue
+            dead = torch.randperm(g.size, generator=gen)[: g.size // 2]
+            for c in consumers[g.name]:
+                w = model.get_submodule(c).weight  # (out, in[, k, k])
+                block = w.shape[1] // g.size
+                cols = (dead.view(-1, 1) * block + torch.arange(block)).reshape(-1)
+                w.index_fill_(1, cols, 0.0)
+            alive[g.name] = sorted(set(range(g.size)) - set(dead.tolist()))
+    ref = model(x)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    res = prune_structured(model, ffn_ratio=0.5)
+    assert res.kept == alive
+    out = res.model(x)
+    assert (out - ref).abs().max() < 1e-5
+    assert res.parameters[1] == sum(p.numel() for p in res.model.state_dict().values())
+    assert res.parameters[1] < res.parameters[0]
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_generic_module_keeps_top_magnitude_and_refuses_heads():
+    model = _mlp()
+    res = prune_structured(model, ffn_ratio=0.25)
+    w0, w1 = model[0].weight, model[2].weight
+    score = w0.pow(2).sum(1).sqrt() * w1.pow(2).sum(0).sqrt()  # (16,)
+    assert res.kept["0"] == sorted(score.topk(4).indices.tolist())
+    assert res.model[0].weight.shape == (4, 8) and res.model[2].weight.shape == (12, 4)
+    assert res.kept["2"] == list(range(12))  # under a LayerNorm: kept whole
+    assert res.model[5].in_features == 12
+    with pytest.raises(RecipeError, match="no Hugging Face config"):
+        prune_structured(model, heads=0.5)

@@ -46,7 +46,7 @@ Face checkpoint whose *config* describes the new shapes, which Torch-Pruning doe
 (it edits modules in place, and its GQA head pruning needs model-specific handling). For
 generic MLPs brickwork's :func:`brickwork.align.permutation_spec` already gives the coupled
 channel groups (pruning a group = keeping a subset of its units along every member axis);
-that path is not built yet.
+:func:`prune_groups` uses it (``prune_structured`` of a module without a config).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ Importance = Literal["magnitude", "wanda"]
 IMPORTANCES = ("magnitude", "wanda")
 _HEADS_IN_CONFIG = ("llama", "mistral", "qwen2")
 
-__all__ = ["StructuredResult", "prune_structured", "structured_plan"]
+__all__ = ["StructuredResult", "prune_groups", "prune_structured", "structured_plan"]
 
 
 @dataclass
@@ -305,6 +305,17 @@ def prune_structured(
     (directory input) or batches of ``input_ids`` / ``attention_mask`` (module input)."""
     from ..arch.transformer import transformer_layout
 
+    if isinstance(model, nn.Module) and not hasattr(model, "config"):
+        if heads is not None or importance != "magnitude" or ffn_ratio is None:
+            raise RecipeError(
+                f"{type(model).__name__} has no Hugging Face config: it is pruned through its "
+                "permutation spec (prune_groups) with ffn_ratio= as the kept fraction of every "
+                "hidden group and magnitude importance; heads= and wanda need a transformer."
+            )
+        small, groups = prune_groups(model, ratio=ffn_ratio)
+        before = sum(t.numel() for t in model.state_dict().values())
+        after = sum(t.numel() for t in small.state_dict().values())
+        return StructuredResult(groups, {}, (before, after), model=small)  # type: ignore[arg-type]
     if isinstance(model, nn.Module):
         cfg = model.config.to_dict()
         _check(ffn_ratio, heads, importance, cfg.get("model_type"))
@@ -516,3 +527,107 @@ def run_structured_cli(
         f"wrote {res.out}: structured {structured} ({method}), ratio {ratio}, parameters "
         f"{before} -> {after} ({time.perf_counter() - t0:.1f} s)"
     )
+
+
+# -- generic nn.Modules (MLPs, CNNs) through the permutation spec ----------------------------
+
+_SIZE_ATTRS = {  # module type -> (attribute set from axis 0, attribute set from axis 1)
+    nn.Linear: ("out_features", "in_features"),
+    nn.Conv1d: ("out_channels", "in_channels"),
+    nn.Conv2d: ("out_channels", "in_channels"),
+    nn.Conv3d: ("out_channels", "in_channels"),
+}
+
+
+def _member_index(member: Any, kept: list[int]) -> torch.Tensor:
+    """The indices along ``member.axis`` that remain when the group keeps units ``kept``
+    (indices outside the member's span are kept)."""
+    units = torch.tensor(kept, dtype=torch.long)
+    span = member.offset + (units.view(-1, 1) * member.block + torch.arange(member.block))
+    return span.reshape(-1)
+
+
+def prune_groups(model: nn.Module, *, ratio: float) -> tuple[nn.Module, dict[str, list[int]]]:
+    """Structured magnitude pruning of a generic MLP / CNN (no Hugging Face config): every
+    group of :func:`brickwork.align.permutation_spec` (the hidden units, or channels, that are
+    coupled across all the tensors that index them: producer rows, norms, consumer columns,
+    residual additions) keeps its ``round(ratio · size)`` units of largest
+    ``‖producer rows‖₂ · ‖consumer columns‖₂``; along every member axis only those units stay.
+    Groups over which a ``LayerNorm`` / ``GroupNorm`` normalises are kept whole (removing a
+    unit would change the other units' mean and variance, so the result would no longer be the
+    same function even on dead units). Returns a new, smaller module (the input is not
+    modified) and the kept units per group."""
+    import copy
+
+    from ..align.spec import permutation_spec
+
+    _check_ratio("ratio", ratio)
+    spec = permutation_spec(model)
+    sd = model.state_dict()
+    modules = dict(model.named_modules())
+    kept: dict[str, list[int]] = {}
+    ops: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for group in spec.groups:
+        if group.parent is not None:
+            raise RecipeError(
+                f"group '{group.name}' is nested in '{group.parent}'; structured pruning of "
+                "nested groups (heads) is only supported for Hugging Face transformers."
+            )
+        owners = [modules.get(m.tensor.rpartition(".")[0]) for m in group.members]
+        if any(isinstance(o, (nn.LayerNorm, nn.GroupNorm)) for o in owners):
+            # normalised together: removing any unit changes the others' mean and variance
+            kept[group.name] = list(range(group.size))
+            continue
+        k = _keep_count(group.size, ratio, f"units of group '{group.name}'")
+        consumers = {f"{c}.weight" for c in group.consumers}
+        in_sq = torch.zeros(group.size)
+        out_sq = torch.zeros(group.size)
+        for m in group.members:
+            owner = modules.get(m.tensor.rpartition(".")[0])
+            if not m.tensor.endswith("weight") or type(owner) not in _SIZE_ATTRS:
+                continue  # norms and biases do not enter the score
+            sq = _unit_sq(sd[m.tensor], m, group.size)
+            if m.tensor in consumers and m.axis == 1:
+                out_sq += sq
+            elif m.axis == 0:
+                in_sq += sq
+        kept[group.name] = _top(in_sq.sqrt() * out_sq.sqrt(), k)
+        for m in group.members:
+            ops.setdefault(m.tensor, []).append((m.axis, _member_index(m, kept[group.name])))
+    small = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, todo in ops.items():
+            mod_name, _, attr = name.rpartition(".")
+            mod = small.get_submodule(mod_name)
+            new = _apply(sd[name], todo)
+            if isinstance(getattr(mod, attr), nn.Parameter):
+                setattr(
+                    mod, attr, nn.Parameter(new, requires_grad=getattr(mod, attr).requires_grad)
+                )
+            else:
+                setattr(mod, attr, new)
+            _resize(mod, attr, new)
+    return small, kept
+
+
+def _unit_sq(t: torch.Tensor, m: Any, size: int) -> torch.Tensor:
+    from ..align.spec import unit_view
+
+    return (unit_view(t.detach().float(), m, size) ** 2).sum(1)  # (size,)
+
+
+def _resize(mod: nn.Module, attr: str, new: torch.Tensor) -> None:
+    if attr != "weight":
+        return
+    attrs = _SIZE_ATTRS.get(type(mod))
+    if attrs is not None:
+        setattr(mod, attrs[0], new.shape[0])
+        setattr(mod, attrs[1], new.shape[1])
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        mod.num_features = new.shape[0]
+    elif isinstance(mod, nn.LayerNorm):
+        mod.normalized_shape = (new.shape[0],)
+    elif isinstance(mod, nn.GroupNorm):
+        per_group = mod.num_channels // mod.num_groups
+        mod.num_channels = new.shape[0]
+        mod.num_groups = new.shape[0] // per_group
