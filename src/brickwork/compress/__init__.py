@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "sparsegpt_prune": "brickwork.compress.prune",
     "wanda_mask": "brickwork.compress.prune",
     "prune_structured": "brickwork.compress.structured",
+    "prune_groups": "brickwork.compress.structured",
     "LowRankLinear": "brickwork.compress.lowrank",
     "factorize_model": "brickwork.compress.lowrank",
     "factorize_weight": "brickwork.compress.lowrank",

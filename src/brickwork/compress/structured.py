@@ -36,6 +36,10 @@ Heads of BERT and GPT-2 cannot be removed so that transformers loads the result:
   matrix on the calibration data (:func:`brickwork.statistics_for`, padding masked) — the
   norm of the unit's contribution to the residual stream, summed over the tokens.
 
+**Memory.** A model directory is streamed: tensors are read one at a time, once for the
+importance scores and once for writing (``wanda`` also loads the model once to measure the
+Gram diagonals).
+
 A unit whose output column(s) are zero has importance 0 under both, and removing it leaves
 the model's function unchanged (tested exactly).
 
