@@ -337,22 +337,36 @@ def test_one_adapter_model_applied_by_linear_loads_in_transformers(
     LlamaForCausalLM.from_pretrained(tmp_path / "o")
 
 
-def test_data_aware_merge_of_adapter_inputs_is_refused(llama_family, adapters, tmp_path):
-    import brickwork
-    from brickwork.errors import RecipeError
+def test_data_aware_merge_and_align_of_adapter_inputs_run_the_adapted_model(
+    llama_family, adapters, tmp_path
+):
+    """regmean (statistics from running the models) and align: read BASE+ADAPTER as the
+    adapted network: the same result as with the adapter merged into its base first."""
+    from safetensors.torch import save_file
 
-    (tmp_path / "cal.txt").write_text("hello world\n" * 4)
-    data = {"path": str(tmp_path / "cal.txt"), "n_examples": 2}
-    recipe = {
-        "method": "regmean",
-        "models": [
-            {"model": f"{llama_family.base}+{adapters[0]}", "data": data},
-            {"model": str(llama_family.ft1), "data": data},
-        ],
-    }
-    with pytest.raises(RecipeError, match=r"PEFT adapters over a base; method 'regmean'"):
-        brickwork.merge(recipe, tmp_path / "o", progress=False)
-    assert not (tmp_path / "o").exists()
+    ids = torch.randint(0, 64, (48, 12), generator=torch.Generator().manual_seed(3))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    data = {"path": str(tmp_path / "ids.safetensors"), "n_examples": 48, "batch_size": 16}
+    merged = _save_merged(llama_family.base, adapters[0], tmp_path / "m1")
+    ft1 = str(llama_family.ft1)
+    for extra in ({}, {"align": {"to": ft1}}):
+        recipe = {"method": "regmean", "models": [{"model": ft1, "data": data}], **extra}
+        via = _merge(
+            {**recipe, "models": [*recipe["models"],
+                                  {"model": f"{llama_family.base}+{adapters[0]}", "data": data}]},
+            tmp_path / f"via{len(extra)}",
+        )  # fmt: skip
+        explicit = _merge(
+            {**recipe, "models": [*recipe["models"], {"model": str(merged), "data": data}]},
+            tmp_path / f"explicit{len(extra)}",
+        )
+        assert _max_diff(via, explicit) < 1e-5, extra
+    base_only = _merge(
+        {"method": "regmean", "models": [{"model": ft1, "data": data},
+                                         {"model": str(llama_family.base), "data": data}]},
+        tmp_path / "base_only",
+    )  # fmt: skip
+    assert _max_diff(via, base_only) > 1e-4  # the adapter did take part
 
 
 def test_cli_merge_adapters(adapters, tmp_path, run_cli):

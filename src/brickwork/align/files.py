@@ -98,6 +98,8 @@ class AlignResult:
 class PermutedCheckpoint(Checkpoint):
     """``inner`` with every tensor of ``spec`` permuted by ``perms`` (read lazily)."""
 
+    derived = True
+
     def __init__(
         self, inner: Checkpoint, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]
     ) -> None:
@@ -124,26 +126,29 @@ class PermutedCheckpoint(Checkpoint):
         those of the permuted model)."""
         return f"{self.inner.checksum()}+perm:{_perm_digest(self.perms)}"
 
-    def permuted_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """A module's state dict (e.g. of the network built from ``inner``'s files) with the
-        permutations applied; names not in the spec are returned unchanged."""
-        return {
-            k: permute_tensor(v, self._moves[k], self.perms) if k in self._moves else v
-            for k, v in state_dict.items()
-        }
-
 
 def load_module(ck: Checkpoint, where: str) -> nn.Module:
-    """The Hugging Face network of ``ck``'s directory, with ``ck``'s permutations applied when
-    it is a :class:`PermutedCheckpoint` (so data-aware merges run the aligned model)."""
+    """The Hugging Face network of ``ck``'s directory. For a derived view (``ck.derived``: a
+    :class:`PermutedCheckpoint`, a base with a PEFT adapter applied, or one inside the other)
+    the network is built from the files and then given the view's tensors, so data-aware
+    merges and activation matching run the model the recipe means. Tensors the view does not
+    hold (a tied LM head absent from the file) keep the files' values, shared as before."""
     from brickwork.stats.data import load_hf_module
 
-    inner = ck.inner if isinstance(ck, PermutedCheckpoint) else ck
-    if inner.path is None:
+    if ck.path is None:
         raise AlignError(f"{where}: an in-memory state dict cannot be run on data.")
-    module = load_hf_module(inner.path, where)
-    if isinstance(ck, PermutedCheckpoint):
-        module.load_state_dict(ck.permuted_state_dict(module.state_dict()), strict=True)
+    module = load_hf_module(ck.path, where)
+    if ck.derived:
+        current = module.state_dict()
+        given = [k for k in current if k in ck]
+        if not given:
+            raise AlignError(
+                f"{where}: none of the network's tensors (e.g. '{next(iter(current), '')}') is "
+                f"in {ck.label} (e.g. '{ck.names[0] if ck.names else ''}'), so its weights "
+                "cannot be loaded into the network transformers builds from its config."
+            )
+        tensors = {k: ck.get(k).to(current[k].dtype) for k in given}
+        module.load_state_dict(tensors, strict=False)
     return module
 
 

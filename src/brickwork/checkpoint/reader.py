@@ -70,6 +70,10 @@ class Checkpoint:
 
     path: Path | None = None
     label: str = "<state dict>"
+    #: True for a view whose tensors differ from the files at ``path`` (B permuted by
+    #: ``align:``, a base with a PEFT adapter applied): code that builds the network from
+    #: ``path`` must then load the view's tensors into it (``brickwork.align.files.load_module``).
+    derived: bool = False
 
     def __init__(self) -> None:
         self._infos: dict[str, TensorInfo] = {}

@@ -249,6 +249,8 @@ class AdapterCheckpoint(Checkpoint):
     combines the base's and the adapter file's digests.
     """
 
+    derived = True
+
     def __init__(self, base: Checkpoint, adapter: Adapter | str | os.PathLike) -> None:
         super().__init__()
         self.base = base

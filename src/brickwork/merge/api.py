@@ -186,7 +186,6 @@ def merge(
     ckpts = _open_models(recipe, recipe_dir)
     check_output_is_not_input(out, ckpts)
     method = get_method(recipe.method)
-    _check_adapter_inputs(recipe, method, ckpts)
     _check_data_blocks(recipe, method, out, force)
     alignment = None
     if recipe.align is not None:  # permute every model onto align.to before merging
@@ -244,28 +243,6 @@ def merge(
                 }
             _write_provenance(writer, recipe, method, inputs, extra)
     return out
-
-
-def _check_adapter_inputs(
-    recipe: MergeRecipe, method: MergeMethod, ckpts: Mapping[str, Checkpoint]
-) -> None:
-    """PEFT adapter inputs are applied tensor by tensor; steps that run a model on data
-    (data-aware methods, align:) would load the bare base, so they are refused."""
-    from ..compress.adapters import AdapterCheckpoint
-
-    ads = [k for k, ck in ckpts.items() if isinstance(ck, AdapterCheckpoint)]
-    if ads and (method.needs_data or recipe.align is not None):
-        what = (
-            f"method '{method.name}' (it runs the models on data)"
-            if method.needs_data
-            else "align:"
-        )
-        raise RecipeError(
-            f"models {', '.join(repr(k) for k in ads)} are PEFT adapters over a base; {what} "
-            "does not take adapter inputs yet. Merge each adapter into its base first "
-            "(peft's merge_and_unload, or brickwork merge with method linear and the one "
-            "model 'BASE+ADAPTER') and give the merged directories."
-        )
 
 
 def _check_data_blocks(recipe: MergeRecipe, method: MergeMethod, out: Path, force: bool) -> None:
