@@ -317,6 +317,34 @@ class SafetensorsCheckpoint(Checkpoint):
                 got += n
         return buf.view(info.dtype).reshape(info.shape)
 
+    def raw_range(self, name: str) -> tuple[Path, int, int]:
+        """Where tensor ``name``'s bytes lie: ``(file, byte offset, number of bytes)``."""
+        offset, nbytes = self._span[name]
+        return self._where[name], offset, nbytes
+
+    def iter_raw(self, name: str, *, chunk_bytes: int = 8 << 20) -> Iterator[memoryview]:
+        """Tensor ``name``'s stored bytes (C order, little-endian, as safetensors holds them)
+        in pieces of at most ``chunk_bytes``, read into one reused buffer: each piece is
+        valid only until the next is asked for. Memory stays at one chunk, whatever the
+        tensor's size (a chunked pass-through copy, see ``CheckpointWriter.copy``)."""
+        f, offset, nbytes = self.raw_range(name)
+        buf = memoryview(bytearray(min(max(chunk_bytes, 1), max(nbytes, 1))))
+        try:
+            fh = open(f, "rb", buffering=0)  # noqa: SIM115 (closed below; a generator)
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot read ({e.strerror}).") from None
+        with fh:
+            fh.seek(offset)
+            left = nbytes
+            while left:
+                n = fh.readinto(buf[: min(left, len(buf))])
+                if not n:
+                    raise CheckpointError(
+                        f"{f}: ended while reading tensor '{name}' (truncated since it was opened?)."
+                    )
+                left -= n
+                yield buf[:n]
+
 
 class TorchCheckpoint(Checkpoint):
     """``pytorch_model.bin`` / ``.pt`` files, read only with ``torch.load(weights_only=True)``."""

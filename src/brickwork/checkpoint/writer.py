@@ -26,7 +26,7 @@ import torch
 
 from ..errors import BrickworkError, Interrupted, OutOfSpaceError, OutputExistsError, RecipeError
 from . import staging
-from .reader import DTYPE_TO_SAFETENSORS, TensorInfo
+from .reader import DTYPE_TO_SAFETENSORS, Checkpoint, SafetensorsCheckpoint, TensorInfo
 from .staging import OWNER_FILE
 
 #: Weights and training state are never carried over from a reference model: the output
@@ -298,11 +298,22 @@ class CheckpointWriter:
             ) from None
 
     # -- tensors ----------------------------------------------------------------------------
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _next(self, name: str) -> TensorInfo:
+        """The planned info of ``name``, which must be the next tensor of the plan."""
         if self._pos >= len(self.infos) or self.infos[self._pos].name != name:
             expected = self.infos[self._pos].name if self._pos < len(self.infos) else "nothing"
             raise RuntimeError(f"writer got '{name}' but expected {expected} (plan order)")
-        info = self.infos[self._pos]
+        return self.infos[self._pos]
+
+    def _open_shard_if_first(self, info: TensorInfo) -> None:
+        s = self._shard_of[info.name]
+        if info is self.shards[s][0]:
+            self._close()
+            self._fh = open(self.tmp / self.shard_name(s), "wb")  # noqa: SIM115 (closed in write/__exit__)
+            self._fh.write(_header_bytes(self.shards[s], self.metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        info = self._next(name)
         if tuple(tensor.shape) != info.shape:
             raise BrickworkError(
                 f"tensor '{name}': computed shape {tuple(tensor.shape)}, planned {info.shape}."
@@ -310,12 +321,38 @@ class CheckpointWriter:
         s = self._shard_of[name]
         data = tensor.detach().to(device="cpu", dtype=info.dtype).contiguous().reshape(-1)
         with self._space_errors(f"writing {self.shard_name(s)}"):
-            if info is self.shards[s][0]:
-                self._close()
-                self._fh = open(self.tmp / self.shard_name(s), "wb")  # noqa: SIM115 (closed in write/__exit__)
-                self._fh.write(_header_bytes(self.shards[s], self.metadata))
+            self._open_shard_if_first(info)
             if data.numel():
                 self._fh.write(memoryview(data.view(torch.uint8).numpy()))
+        self._pos += 1
+
+    def copy(
+        self, name: str, ckpt: Checkpoint, *, source: str | None = None, chunk_bytes: int = 8 << 20
+    ) -> None:
+        """Write tensor ``source`` (default ``name``) of ``ckpt`` unchanged as ``name``.
+
+        From a safetensors checkpoint whose stored dtype and shape are the planned ones, the
+        bytes are copied from its file in chunks of ``chunk_bytes`` without building the
+        tensor, so memory stays at one chunk however large the tensor (issue 12: the 62.5 MB
+        embedding of a 0.5B Llama); the output is byte-identical to :meth:`write` of the
+        tensor. Anything else (another format, a dtype conversion, a shape mismatch, which
+        :meth:`write` then reports) goes through :meth:`write`.
+        """
+        source = name if source is None else source
+        info = self._next(name)
+        src = ckpt.info(source)
+        if not (
+            isinstance(ckpt, SafetensorsCheckpoint)
+            and src.dtype == info.dtype
+            and src.shape == info.shape
+        ):
+            self.write(name, ckpt.get(source))
+            return
+        s = self._shard_of[name]
+        with self._space_errors(f"writing {self.shard_name(s)}"):
+            self._open_shard_if_first(info)
+            for piece in ckpt.iter_raw(source, chunk_bytes=chunk_bytes):
+                self._fh.write(piece)
         self._pos += 1
 
     # -- side files ----------------------------------------------------------------------

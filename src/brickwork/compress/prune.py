@@ -592,16 +592,17 @@ def prune(
         out, infos, force=force, shard_size=shard_size, side_files=ck.model_dir
     ) as writer:
         for n in names:
-            t = ck.get(n)
-            if n in target_set:
-                if pruned is not None:
-                    t = pruned.pop(n)
-                else:
-                    t = _prune_magnitude_tensor(n, t, axes[n], sparsity, nm, counts)
-                z = int((t == 0).sum())
-                measured[n] = z / t.numel()
-                zeros_total += z
-                numel_total += t.numel()
+            if n not in target_set:  # passed through: copied in chunks, never held whole
+                writer.copy(n, ck)
+                continue
+            if pruned is not None:
+                t = pruned.pop(n)
+            else:
+                t = _prune_magnitude_tensor(n, ck.get(n), axes[n], sparsity, nm, counts)
+            z = int((t == 0).sum())
+            measured[n] = z / t.numel()
+            zeros_total += z
+            numel_total += t.numel()
             writer.write(n, t)
             del t
         record["measured_sparsity"] = {
