@@ -340,3 +340,28 @@ def test_ties_at_the_threshold_prune_exactly_the_count():
     w = torch.tensor([[0.5, 1.0, 1.0, 1.0, 1.0, 2.0, -1.0, 3.0]])
     keep = magnitude_mask(w, sparsity=0.5)  # 4 of 8: the 0.5 and the first three |1.0|
     assert keep.tolist() == [[False, False, False, False, True, True, True, True]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_magnitude_mask_counts_bits_exactly_like_kthvalue(dtype):
+    # 16-bit weights are thresholded on their |w| bit patterns by counting (issue 12: no
+    # float32 copy, no kthvalue indices); the mask must be the float32 kthvalue one, ties
+    # (many in 16 bits), zeros and -0.0 included.
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(300, 700, generator=g) * 0.02).to(dtype)
+    w[0, :50] = 0.0
+    w[1, :30] = -0.0
+    w[2, :20] = -w[3, :20]
+    flat = w.abs().float().reshape(-1)
+    for s in (0.0, 0.1, 0.5, 0.77, 1.0):
+        n = round(s * w.numel())
+        keep = magnitude_mask(w, sparsity=s)
+        assert int((~keep).sum()) == n
+        if 0 < n < w.numel():
+            v = torch.kthvalue(flat, n).values
+            ref = flat > v  # below v pruned; among ties the first ones by position
+            ties = torch.nonzero(flat == v).flatten()
+            ref[ties[n - (flat.numel() - int(ref.sum()) - ties.numel()) :]] = True
+            assert torch.equal(keep.reshape(-1), ref), s
+        tiny = w[:4, :8].float() * torch.tensor([1.0, -1.0] * 4)  # same mask from float32
+        assert torch.equal(magnitude_mask(w[:4, :8], sparsity=s), magnitude_mask(tiny, sparsity=s))

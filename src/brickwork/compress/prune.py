@@ -134,12 +134,35 @@ def _keep_largest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
         return torch.ones(scores.shape, dtype=torch.bool)
     if n_prune >= flat.numel():
         return torch.zeros(scores.shape, dtype=torch.bool)
-    v = torch.kthvalue(flat, n_prune).values
+    v = _kth_smallest_int16(flat, n_prune) if flat.dtype == torch.int16 else None
+    if v is None:
+        v = torch.kthvalue(flat, n_prune).values
     keep = flat > v
     ties = torch.nonzero(flat == v).flatten()  # pruned so far: the entries below v
     left = n_prune - (flat.numel() - int(keep.sum()) - ties.numel())
     keep[ties[left:]] = True
     return keep.reshape(scores.shape)
+
+
+def _kth_smallest_int16(flat: torch.Tensor, k: int) -> int | None:
+    """The ``k``-th smallest (1-based) of non-negative int16 ``flat`` by counting, in chunks:
+    memory is 32768 counters and one int64 chunk, not ``kthvalue``'s copy of the input and
+    its int64 indices (issue 12). ``None`` if ``flat`` holds a negative value."""
+    counts = torch.zeros(1 << 15, dtype=torch.int64)
+    step = 1 << 18
+    for i in range(0, flat.numel(), step):
+        part = flat[i : i + step].to(torch.int64)  # (≤ step,)
+        if int(part.min()) < 0:
+            return None
+        counts += torch.bincount(part, minlength=1 << 15)
+    return int(torch.searchsorted(counts.cumsum(0), k))
+
+
+def _magnitude_bits(w: torch.Tensor) -> torch.Tensor:
+    """|w| of a 16-bit float tensor as its int16 bit patterns (sign bit cleared): for
+    non-negative floats the bit pattern orders exactly as the value, so thresholds and ties
+    are those of ``|w|``, at 2 bytes an entry instead of a float32 copy."""
+    return w.contiguous().view(torch.int16) & 0x7FFF
 
 
 def _mask_rows(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -168,6 +191,8 @@ def magnitude_mask(
 ) -> torch.Tensor:
     """Keep-mask of ``w`` (out, in) by ``|W|``: the ``round(s · numel)`` smallest pruned, or
     N:M along the input axis."""
+    if nm is None and w.dtype in (torch.bfloat16, torch.float16):
+        return _keep_largest(_magnitude_bits(w.detach()), round(float(sparsity or 0.0) * w.numel()))
     a = w.detach().abs().float()
     if nm is not None:
         return _mask_nm(a, nm)
