@@ -381,8 +381,7 @@ def find_ticket(
         if r > 0:
             masks = magnitude_masks(work, rate, scope=scope, output_rate=output_rate,
                                     current=masks, output=output)  # fmt: skip
-            assert rewound is not None
-            work.load_state_dict(rewound)
+            work.load_state_dict(ticket.rewind)
         masks.apply_(work)
 
         def callback(step: int, _r: int = r, _masks: Masks = masks) -> None:
@@ -401,10 +400,10 @@ def find_ticket(
                 "train(model, masks, callback) must call callback(step) after every optimiser "
                 "step and train for at least rewind_step steps."
             )
+        ticket.rewind = rewound
         masks.apply_(work)
         ticket.masks.append(masks)
         ticket.results.append(result)
         if on_round is not None:
             on_round(r, masks, work)
-    ticket.rewind = rewound
     return ticket

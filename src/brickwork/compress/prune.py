@@ -342,11 +342,14 @@ def _prune_one(
     _check_nm_shape(name, wo, nm)
     if method == "magnitude":
         new = wo * magnitude_mask(wo, sparsity=sparsity, nm=nm)
+    elif gram is None:
+        raise DataError(
+            f"tensor '{name}': method '{method}' needs the input statistics (XᵀX) of its layer "
+            "and none were measured; pass calibration data (--data) that reaches this layer."
+        )
     elif method == "wanda":
-        assert gram is not None
         new = wo * wanda_mask(wo, torch.diag(gram), sparsity=sparsity, nm=nm)
     else:
-        assert gram is not None
         new = sparsegpt_prune(wo, gram, sparsity=sparsity, nm=nm)
     return _as_out_in(new, axis).to(w.dtype).contiguous()
 
@@ -356,7 +359,11 @@ def _stages(names: list[str]) -> list[tuple[str, list[str]]]:
     order: dict[str, list[str]] = {}
     for n in names:
         ln = layer_name(n)
-        assert ln is not None
+        if ln is None:
+            raise RecipeError(
+                f"tensor '{n}' is not inside a numbered transformer layer, so it has no place "
+                "in the layer-by-layer order of sequential pruning; leave it out of the pruned set."
+            )
         order.setdefault(f"{ln.prefix}{ln.index}", []).append(n)
     return list(order.items())
 
