@@ -32,8 +32,6 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint.reader import TensorInfo
-from ..checkpoint.writer import CheckpointWriter
 from ..errors import CheckpointError, DataError, OutputExistsError
 from .lowrank import NEEDS_DATA, LowRankLinear, factorize_model, gram_statistics, summary
 
@@ -56,8 +54,7 @@ def save_lowrank(
 ) -> Path:
     """Write ``model`` (with :class:`LowRankLinear` s) atomically in brickwork's low-rank
     format; arguments as :func:`brickwork.route.save_moe`."""
-    from ..checkpoint.provenance import environment
-    from ..route.format import _NOT_COPIED, BASE_CONFIG, _base_description, _overlaps
+    from ..route.format import _base_description, _overlaps, write_format
 
     out = Path(out)
     _overlaps(out, [*inputs, *([copy_from] if copy_from is not None else [])])
@@ -74,20 +71,10 @@ def save_lowrank(
         "base": base,
         "lowrank": [{"path": n, **m.config()} for n, m in low.items()],
     }
-    meta.update({k: v for k, v in (provenance or {}).items() if k not in meta})
-    meta.setdefault("environment", environment())
-    sd = model.state_dict()
-    infos = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
-    with CheckpointWriter(
-        out, infos, shard_size=shard_size, force=force, side_files=copy_from, exclude=_NOT_COPIED
-    ) as w:
-        for k, v in sd.items():
-            w.write(k, v.contiguous())
-        if config_text is not None:
-            w.add_text(BASE_CONFIG, config_text.rstrip("\n") + "\n")
-        w.add_text(META, json.dumps(meta, indent=2) + "\n")
-        w.add_text("README.md", model_card or _card(meta))
-    return out
+    return write_format(
+        model, out, meta, config_text, provenance=provenance, copy_from=copy_from,
+        model_card=model_card, card=_card, shard_size=shard_size, force=force,
+    )  # fmt: skip
 
 
 def _card(meta: Mapping[str, Any]) -> str:

@@ -160,6 +160,29 @@ def save_moe(
         "moe": [{"path": n, "layer": b.moe.config()} for n, b in blocks.items()],
         "identity": identity,
     }
+    return write_format(
+        model, out, meta, config_text, provenance=provenance, copy_from=copy_from,
+        model_card=model_card, card=_card, shard_size=shard_size, force=force,
+    )  # fmt: skip
+
+
+def write_format(
+    model: nn.Module,
+    out: Path,
+    meta: dict[str, Any],
+    config_text: str | None,
+    *,
+    provenance: Mapping[str, Any] | None,
+    copy_from: str | os.PathLike | None,
+    model_card: str | None,
+    card: Any,
+    shard_size: str | int,
+    force: bool,
+) -> Path:
+    """Write a brickwork-format directory (the MoE and the low-rank formats): ``model``'s
+    tensors, ``base_config.json``, ``brickwork.json`` (``meta`` plus ``provenance`` keys it
+    does not set, and the environment) and a model card (``model_card``, else
+    ``card(meta)``), atomically through the shared writer."""
     from ..checkpoint.provenance import environment
 
     meta.update({k: v for k, v in (provenance or {}).items() if k not in meta})
@@ -175,11 +198,11 @@ def save_moe(
         exclude=_NOT_COPIED,
     ) as w:
         for k, v in sd.items():
-            w.write(k, v)
+            w.write(k, v.contiguous())
         if config_text is not None:
             w.add_text(BASE_CONFIG, config_text.rstrip("\n") + "\n")
         w.add_text(META, json.dumps(meta, indent=2) + "\n")
-        w.add_text("README.md", model_card or _card(meta))
+        w.add_text("README.md", model_card or card(meta))
     return out
 
 
