@@ -239,13 +239,6 @@ def test_errors(kw, err, match):
         prune_structured(_llama(), **kw)
 
 
-def test_heads_of_bert_and_gpt2_are_refused(dirs, tmp_path):
-    for kind in ("bert", "gpt2"):
-        with pytest.raises(RecipeError, match="head_dim = hidden_size"):
-            prune_structured(dirs[kind], tmp_path / kind, heads=0.5)
-        assert not (tmp_path / kind).exists()
-
-
 def test_output_exists(dirs, tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(OutputExistsError, match="already exists"):

@@ -19,10 +19,16 @@ rewritten (``intermediate_size`` / GPT-2 ``n_inner``; ``num_attention_heads``,
 ``num_key_value_heads`` and an explicit ``head_dim``, since Llama otherwise derives it as
 ``hidden_size / num_attention_heads``).
 
-Heads of BERT and GPT-2 cannot be removed so that transformers loads the result: both derive
-``head_dim = hidden_size / num_attention_heads``, and transformers 5 no longer has the
-``pruned_heads`` config field that used to record per-layer removed heads. That is an error
-(FFN pruning works for every supported model type).
+**BERT and GPT-2 heads** cannot be described by their configs: both derive ``head_dim =
+hidden_size / num_attention_heads`` and have no ``head_dim`` field, and transformers 5 (5.24)
+no longer has the ``pruned_heads`` config field nor ``prune_heads``. Their heads are still
+removed from the shapes (same importance, same kept heads; each head is its ``head_dim``
+rows of Q, K and V with biases, GPT-2's fused ``c_attn`` columns at offsets 0, hidden and
+2·hidden, and its input columns of the output projection): a module input gives the same
+transformers class with resized attention modules, and a directory is written in
+brickwork's ``brickwork.heads`` format, loaded by :func:`load_structured` (not
+``AutoModel.from_pretrained``, which refuses it: no ``config.json``). The reasons and the
+format are in :mod:`brickwork.compress.structured_heads`.
 
 **Importance** (higher is kept).
 
@@ -65,12 +71,19 @@ import torch
 from torch import nn
 
 from ..errors import DataError, RecipeError
+from .structured_heads import RESIZED_HEADS, load_structured
 
 Importance = Literal["magnitude", "wanda"]
 IMPORTANCES = ("magnitude", "wanda")
 _HEADS_IN_CONFIG = ("llama", "mistral", "qwen2")
 
-__all__ = ["StructuredResult", "prune_groups", "prune_structured", "structured_plan"]
+__all__ = [
+    "StructuredResult",
+    "load_structured",
+    "prune_groups",
+    "prune_structured",
+    "structured_plan",
+]
 
 
 @dataclass
@@ -216,7 +229,12 @@ def _index_map(layout: Any, kept: dict[int, dict[str, list[int]]]) -> dict[str, 
             q_idx = [h * hd + d for h in rec["heads"] for d in range(hd)]
             groups = sorted({h // group for h in rec["heads"]})
             kv_idx = [g * hd + d for g in groups for d in range(hd)]
-            for p, idx in ((la.q, q_idx), (la.k, kv_idx), (la.v, kv_idx)):
+            if la.q == la.k:  # fused [Q | K | V] (GPT-2's c_attn): one index over all three
+                parts = zip(la.qkv_offsets, (q_idx, kv_idx, kv_idx), strict=True)
+                todo = [(la.q, [off + i for off, idx in parts for i in idx])]
+            else:
+                todo = [(la.q, q_idx), (la.k, kv_idx), (la.v, kv_idx)]
+            for p, idx in todo:
                 add(p.weight, p.out_axis, idx)
                 if p.bias:
                     add(f"{p.module}.bias", 0, idx)
@@ -236,7 +254,7 @@ def _new_config(cfg: dict[str, Any], layout: Any, kept: dict[int, dict[str, list
     if "ffn" in first:
         key = "n_inner" if layout.model_type == "gpt2" else "intermediate_size"
         new[key] = len(first["ffn"])
-    if "heads" in first:
+    if "heads" in first and layout.model_type in _HEADS_IN_CONFIG:
         n_h = len(first["heads"])
         new["num_attention_heads"] = n_h
         new["num_key_value_heads"] = n_h * layout.n_kv_heads // layout.n_heads
@@ -256,12 +274,10 @@ def _check(ffn_ratio: Any, heads: Any, importance: str, model_type: str | None) 
         from ..errors import unknown_name
 
         raise unknown_name("structured importance", importance, IMPORTANCES)
-    if heads is not None and model_type not in _HEADS_IN_CONFIG:
+    if heads is not None and model_type not in _HEADS_IN_CONFIG + RESIZED_HEADS:
         raise RecipeError(
-            f"removing attention heads of a '{model_type}' model cannot be written so that "
-            "transformers loads it: the architecture derives head_dim = hidden_size / "
-            "num_attention_heads (and transformers 5 dropped the pruned_heads config field). "
-            f"Heads can be removed for {', '.join(_HEADS_IN_CONFIG)}; prune FFN units "
+            f"removing attention heads of a '{model_type}' model is not supported. Heads can "
+            f"be removed for {', '.join(_HEADS_IN_CONFIG + RESIZED_HEADS)}; prune FFN units "
             "(--structured ffn) here."
         )
 
@@ -304,8 +320,10 @@ def prune_structured(
 
     ``model``: a model directory (then ``out`` is required and the smaller model is written
     there atomically with its config, ``brickwork.json`` provenance holding the kept indices,
-    and a model card) or an ``nn.Module`` with ``.config`` (then a new, smaller module is
-    returned; the input is not modified). ``data``: for ``importance="wanda"``, text files
+    and a model card; for BERT / GPT-2 heads brickwork's format instead, loaded by
+    :func:`load_structured`) or an ``nn.Module`` with ``.config`` (then a new, smaller module
+    is returned; the input is not modified; BERT / GPT-2 heads: same class, attention
+    modules resized, config unchanged). ``data``: for ``importance="wanda"``, text files
     (directory input) or batches of ``input_ids`` / ``attention_mask`` (module input)."""
     from ..arch.transformer import transformer_layout
 
@@ -338,6 +356,11 @@ def prune_structured(
         new_cfg = _new_config(cfg, layout, kept)
         config = type(model.config).from_dict(new_cfg)
         small = type(model)(config)
+        if heads is not None and layout.model_type in RESIZED_HEADS:
+            from .structured_heads import shrink_attention_in_place
+
+            counts = {i: len(r["heads"]) for i, r in kept.items()}
+            shrink_attention_in_place(small, layout, counts)
         small.load_state_dict(new_sd)
         small.eval() if not model.training else small.train()
         before = sum(t.numel() for t in sd.values())
@@ -434,16 +457,25 @@ def _prune_dir(
     new_cfg = _new_config(cfg, layout, kept)
     before = sum(ck.info(n).numel for n in names)
     after = sum(i.numel for i in infos)
+    # BERT / GPT-2 heads: brickwork's format (structured_heads), not a transformers directory
+    resized = heads is not None and layout.model_type in RESIZED_HEADS
+    config_file = "config.json"
+    if resized:
+        from .structured_heads import BASE_CONFIG, heads_meta
+
+        record = heads_meta(new_cfg, layout, kept) | record
+        config_file = BASE_CONFIG
     record |= {"parameters": {"before": before, "after": after}, "kept": kept}
     record["config_changes"] = {k: v for k, v in new_cfg.items() if cfg.get(k) != v}
     with CheckpointWriter(
-        out, infos, force=force, shard_size=shard_size, side_files=ck.model_dir
-    ) as writer:
+        out, infos, force=force, shard_size=shard_size, side_files=ck.model_dir,
+        exclude=("config.json",) if resized else (),
+    ) as writer:  # fmt: skip
         for n in names:
             t = ck.get(n)
             writer.write(n, _apply(t, plan[n]) if n in plan else t)
             del t
-        writer.add_text("config.json", json.dumps(new_cfg, indent=2) + "\n")
+        writer.add_text(config_file, json.dumps(new_cfg, indent=2) + "\n")
         _write_card(writer, ck, str(model), record)
     return StructuredResult(kept, new_cfg, (before, after), out=out)
 
@@ -473,6 +505,18 @@ def _write_card(writer: Any, ck: Any, key: str, record: dict[str, Any]) -> None:
         "",
         f"Config: {changes or 'unchanged'}.",
         "",
+        *(
+            [
+                "Attention heads of this architecture cannot be described by its config "
+                "(head size = hidden / heads, no pruned_heads in transformers 5), so this is "
+                "brickwork's format: load it with "
+                "`brickwork.compress.structured.load_structured(PATH)` (a transformers "
+                f"`{record['base']['class']}` with smaller attention modules).",
+                "",
+            ]
+            if record.get("format")
+            else []
+        ),
         f"**Parameters:** {p['before']} -> {p['after']} ({p['after'] / p['before']:.4f}).",
         "",
     ]
