@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[hf,bench,dev,align,compress]"
+	$(PY) -m pip install -q -e ".[hf,bench,dev,align,compress,search]"
 	touch $(STAMP)
 
 # Real labelled text for the benchmark comes from Debian packages (text suite: WordNet, GCIDE,

@@ -29,6 +29,8 @@ _EXPORTS = {
     "merge": "brickwork.merge.api",
     "merge_state_dicts": "brickwork.merge.api",
     "merge_modules": "brickwork.merge.api",
+    "merge_recipe_in_memory": "brickwork.merge.api",
+    "run_search": "brickwork.search.runner",
     "statistics_for": "brickwork.stats",
     "list_methods": "brickwork.merge.registry",
     "get_method": "brickwork.merge.registry",

@@ -13,6 +13,7 @@ from .bench.cli import register as _register_bench
 from .compress.cli import compress_app
 from .errors import BrickworkError, Interrupted
 from .route.cli import route_app
+from .search.cli import register as _register_search
 
 app = typer.Typer(
     name="brickwork",
@@ -163,6 +164,7 @@ _register_align(app)
 app.add_typer(route_app, name="route")
 app.add_typer(compress_app, name="compress")
 _register_bench(app)
+_register_search(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ _EXPORTS = {
     "merge": "api",
     "merge_state_dicts": "api",
     "merge_modules": "api",
+    "merge_recipe_in_memory": "api",
     "MergeMethod": "registry",
     "PerModel": "registry",
     "get_method": "registry",

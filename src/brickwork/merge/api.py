@@ -304,6 +304,41 @@ class _DictSink:
         self.tensors[name] = tensor
 
 
+def merge_recipe_in_memory(
+    recipe: MergeRecipe | Mapping[str, Any],
+    models: Mapping[str, Checkpoint | Mapping[str, torch.Tensor]],
+    *,
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Merge ``recipe`` (a data-free, tensor-level recipe, models or slices form) with its
+    models given in memory: ``models[path]`` is the checkpoint (or state dict) of each path
+    the recipe names. The result is the state dict ``brickwork merge`` of the same recipe
+    writes, tensor for tensor (the same plan and executor); inputs are never modified."""
+    recipe = parse_recipe(recipe) if not isinstance(recipe, MergeRecipe) else recipe
+    missing = [p for p in recipe.model_paths() if p not in models]
+    if missing:
+        raise RecipeError(
+            f"the recipe names model(s) {missing} that are not among the given models "
+            f"({sorted(models)})"
+        )
+    ckpts = {
+        p: m if isinstance(m, Checkpoint) else StateDictCheckpoint(m, label=p)
+        for p, m in models.items()
+        if p in recipe.model_paths()
+    }
+    method = get_method(recipe.method)
+    if method.needs_data or recipe.align is not None:
+        raise RecipeError(
+            f"merge_recipe_in_memory: method '{method.name}' (or align:) needs data or files; "
+            "use brickwork.merge(recipe, out)"
+        )
+    plan = build_plan(recipe, ckpts)
+    sink = _DictSink(ckpts)
+    execute(plan, ckpts, sink, seed=recipe.seed, compute_dtype=_compute_dtype(recipe),
+            device=resolve_device(device), progress=False)  # fmt: skip
+    return sink.tensors
+
+
 def merge_state_dicts(
     method: str,
     models: Sequence[Mapping[str, torch.Tensor] | torch.nn.Module],

@@ -1,0 +1,25 @@
+"""Scoring functions that Ray workers import in the search tests (PYTHONPATH: this folder)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def score(model):
+    """Higher when every tensor's mean is near 0.05 (a smooth function of the weights)."""
+    return -sum((float(v.float().mean()) - 0.05) ** 2 for v in model.values())
+
+
+def die_once(model):
+    """Kills its worker process on the first call after the marker is removed (a crash the
+    search must survive), then scores like :func:`score`."""
+    marker = Path(os.environ["BRICKWORK_TEST_MARKER"])
+    if not marker.exists():
+        marker.write_text("died")
+        os._exit(1)
+    return score(model)
+
+
+def not_a_number(model):
+    return "high"
