@@ -144,6 +144,9 @@ def test_saved_directory_loads_smaller_and_matches_in_memory(dirs, tmp_path, kin
     small = load_structured(tmp_path / "o")
     assert type(small) is type(orig)
     assert torch.equal(_out(small), _out(mem.model))
+    import brickwork
+
+    assert torch.equal(_out(brickwork.load(tmp_path / "o")), _out(mem.model))  # one loader
     # parameters: exactly the removed heads' tensors
     n_orig = sum(p.numel() for p in orig.parameters())
     n_small = sum(p.numel() for p in small.parameters())

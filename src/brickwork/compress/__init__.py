@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "wanda_mask": "brickwork.compress.prune",
     "prune_structured": "brickwork.compress.structured",
     "prune_groups": "brickwork.compress.structured",
+    "load_structured": "brickwork.compress.structured_heads",
     "LowRankLinear": "brickwork.compress.lowrank",
     "factorize_model": "brickwork.compress.lowrank",
     "factorize_weight": "brickwork.compress.lowrank",

@@ -342,6 +342,10 @@ def load(path: str | os.PathLike, *, base: nn.Module | None = None) -> nn.Module
         from ..compress.lowrank_format import load_lowrank
 
         return load_lowrank(path, base=base)
+    if _format_field(path) == "brickwork.heads":  # BERT / GPT-2 with heads pruned (issue 12)
+        from ..compress.structured_heads import load_structured
+
+        return load_structured(path)
     meta = _read_meta(path)
     model = _skeleton(path, meta, base)
     f = path / META
