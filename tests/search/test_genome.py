@@ -31,11 +31,11 @@ def test_genes_per_group_model_and_filter():
     # 2 groups x (2 per-model params x 2 models + 1 global) x 3 parameter sets
     assert g.dims == 2 * (2 * 2 + 1) * 3
     r = g.recipe([0.5] * g.dims)
-    assert [s["sources"][0]["layer_range"] for s in r["slices"]] == [[0, 2], [2, 4]]
-    w = r["slices"][1]["sources"][1]["parameters"]["weight"]
+    w = r["models"][1]["parameters"]["weight"]
     assert [c.get("filter") for c in w] == ["mlp", "attn", None]
-    assert r["slices"][0]["parameters"]["lambda"][2] == {"value": 1.0}  # middle of [0, 2]
-    assert r["parameters"] == {"normalize": True}  # mergekit-evolve's default for ties
+    assert w[0]["value"] == [0.5, 0.5, 0.5, 0.5]  # one point per layer
+    assert r["parameters"]["lambda"][2] == {"value": [1.0] * 4}  # middle of [0, 2]
+    assert r["parameters"]["normalize"] is True  # mergekit-evolve's default for ties
     parse_recipe(r)  # an ordinary recipe
 
 
@@ -45,20 +45,30 @@ def test_point_maps_onto_bounds_and_recipe_merges_per_layer_group():
     g = Genome(cfg.genome, n_layers=4)
     x = [0.25, 0.5, 0.75, 1.0]  # group 0: a, b; group 1: a, b
     r = g.recipe(x)
-    assert [src["parameters"]["weight"] for src in r["slices"][0]["sources"][:2]] == [0.0, 1.0]
+    assert [m["parameters"]["weight"] for m in r["models"]] == [[0, 0, 2, 2], [1, 1, 3, 3]]
     st = _states()
     merged = merge_recipe_in_memory(r, st)
     b, a, bb = st["base"], st["a"], st["b"]
-    for layer, (wa, wb) in {0: (0.0, 1.0), 3: (2.0, 3.0)}.items():
+    for layer, (wa, wb) in {0: (0.0, 1.0), 1: (0.0, 1.0), 2: (2.0, 3.0), 3: (2.0, 3.0)}.items():
         n = f"model.layers.{layer}.w"
         want = b[n] + wa * (a[n] - b[n]) + wb * (bb[n] - b[n])
         torch.testing.assert_close(merged[n], want)
+    n = "model.embed_tokens.weight"  # outside the layers: the first layer's values
+    torch.testing.assert_close(merged[n], b[n] + 0.0 * (a[n] - b[n]) + 1.0 * (bb[n] - b[n]))
+
+
+def test_groups_cover_the_layers_a_checkpoint_holds():
+    g = Genome(_cfg(layer_granularity=1).genome, n_layers=6, layers=[4, 5])  # BERT layers 4-5
+    assert g.n_groups == 2 and g.dims == 2 * 2 * 2
+    x = [0.0] * 4 + [1.0] * 4  # group 0 (layer 4): weight, density 0...; group 1: all 1
+    w = g.recipe(x)["models"][0]["parameters"]["weight"]
+    assert w == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
 
 
 def test_smooth_genome_is_a_gradient_and_one_group_is_scalars():
     g = Genome(_cfg(layer_granularity=2, smooth=True).genome, n_layers=4)
     r = g.recipe([0.0] * g.dims)
-    assert "models" in r and r["models"][0]["parameters"]["weight"] == [0.0, 0.0]
+    assert r["models"][0]["parameters"]["weight"] == [0.0, 0.0]  # one point per group
     g1 = Genome(_cfg().genome, n_layers=4)
     r1 = g1.recipe(g1.x0())
     assert r1["models"][0]["parameters"] == {"weight": 0.5, "density": 1.0}  # 1/n, density 1

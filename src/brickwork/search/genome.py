@@ -8,10 +8,14 @@ for each filter, then one for every other tensor). The layout follows mergekit-e
 genotype (Goddard et al.; Akiba et al. 2024, "Evolutionary Optimization of Model Merging
 Recipes", arXiv:2403.13187, parameter space), with any registered tensor-level method.
 
-:meth:`Genome.recipe` turns a point into an ordinary brickwork recipe (a dict): ``slices:``
-with one slice per layer group (``smooth: false``), or ``models:`` whose parameters are
-gradients over the groups (``smooth: true``); one group is the ``models:`` form with
-scalars. ``brickwork merge`` of that recipe is the candidate that was scored.
+:meth:`Genome.recipe` turns a point into an ordinary brickwork recipe (a dict) of the
+``models:`` form: with one group its parameters are scalars; with several, each is a
+gradient with one point per layer index (constant within a group, so exact at each layer)
+or, with ``smooth: true``, one point per group (interpolated between groups, as
+mergekit-evolve's ``smooth``). Groups are formed over the layers the checkpoint holds (a
+model of BERT's layers 4-5 has two), and tensors outside the layers take the first
+(embeddings) or last (head, final norm) layer's values, as gradients do. ``brickwork
+merge`` of that recipe is the candidate that was scored.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class Genome:
     spec (unknown method or parameter, a data-aware method, reversed bounds, a granularity
     that does not divide the layers) is a :class:`RecipeError` that names it."""
 
-    def __init__(self, spec: GenomeSpec, n_layers: int) -> None:
+    def __init__(self, spec: GenomeSpec, n_layers: int, layers: list[int] | None = None) -> None:
         self.spec = spec
         self.method: MergeMethod = get_method(spec.merge_method)
         m = self.method
@@ -84,13 +88,22 @@ class Genome:
         if m.needs_base and spec.base_model is None:
             raise RecipeError(f"genome.merge_method '{m.name}' needs genome.base_model: PATH")
         g = spec.layer_granularity
-        if g > 0 and (n_layers == 0 or n_layers % g):
+        self.layers = sorted(layers) if layers is not None else list(range(n_layers))
+        k = len(self.layers)
+        if g > 0 and (k == 0 or k % g):
             raise RecipeError(
-                f"genome.layer_granularity = {g} does not divide the models' {n_layers} layers; "
-                f"choose a divisor of {n_layers} (or 0 for one group)"
+                f"genome.layer_granularity = {g} does not divide the models' {k} layers; "
+                f"choose a divisor of {k} (or 0 for one group)"
             )
-        self.n_layers = n_layers
-        self.n_groups = n_layers // g if g > 0 else 1
+        self.n_layers = max(n_layers, self.layers[-1] + 1 if self.layers else 0)
+        self.n_groups = k // g if g > 0 else 1
+        # the group of every layer index 0..n_layers-1 (absent layers: the nearest below, or 0)
+        group_of, current = [], 0
+        for i in range(self.n_layers):
+            if i in self.layers:
+                current = self.layers.index(i) // g if g > 0 else 0
+            group_of.append(current)
+        self.group_of = group_of
         self.models = list(spec.models)
         known = {p.name: p for p in m.params}
         names = spec.parameters
@@ -187,62 +200,45 @@ class Genome:
         return [g.label(names) for g in self.genes]
 
     # -- a point as a recipe -----------------------------------------------------------
-    def _setting(self, vals: dict[tuple, float], n: str, group: int, model: int | None) -> Any:
+    def _value(self, vals: dict[tuple, float], n: str, model: int | None, f: str | None) -> Any:
+        """One parameter set's value: a scalar (one group), a gradient over the groups
+        (``smooth``, interpolated between them) or one value per layer index (a gradient
+        with a point at every layer: exact at each layer, constant within a group)."""
+        per_group = [vals[(n, g, model, f)] for g in range(self.n_groups)]
+        if self.n_groups == 1:
+            return per_group[0]
+        if self.spec.smooth:
+            return per_group
+        return [per_group[g] for g in self.group_of]
+
+    def _setting(self, vals: dict[tuple, float], n: str, model: int | None) -> Any:
         sets = [*(self.spec.filters or []), None]
         if len(sets) == 1:
-            return vals[(n, group, model, None)]
+            return self._value(vals, n, model, None)
         return [
-            {"filter": f, "value": vals[(n, group, model, f)]} if f is not None
-            else {"value": vals[(n, group, model, f)]}
+            {"filter": f, "value": self._value(vals, n, model, f)} if f is not None
+            else {"value": self._value(vals, n, model, f)}
             for f in sets
         ]  # fmt: skip
-
-    def _smooth(self, vals: dict[tuple, float], n: str, model: int | None) -> Any:
-        sets = [*(self.spec.filters or []), None]
-        out = []
-        for f in sets:
-            seq = [vals[(n, g, model, f)] for g in range(self.n_groups)]
-            value: Any = seq[0] if len(seq) == 1 else seq
-            out.append({"filter": f, "value": value} if f is not None else {"value": value})
-        return out[0]["value"] if len(sets) == 1 else out
 
     def recipe(self, x: list[float], *, seed: int = 0) -> dict[str, Any]:
         """The brickwork recipe of point ``x`` (a plain dict, ready for YAML)."""
         if len(x) != self.dims:
             raise ValueError(f"a point of this genome has {self.dims} numbers, got {len(x)}")
         vals = {(g.param, g.group, g.model, g.filter): g.value(v) for g, v in zip(self.genes, x)}
-        spec, base = self.spec, self.spec.base_model
-        others = [(i, m) for i, m in enumerate(self.models) if m != base]
-        glob = [n for n in self.names if not self.per_model[n]]
-        local = [n for n in self.names if self.per_model[n]]
+        base = self.spec.base_model
         out: dict[str, Any] = {"method": self.method.name}
         if base is not None:
             out["base"] = base
-        if self.n_groups == 1 or spec.smooth:
-            pick = self._smooth if spec.smooth else (lambda v, n, m: self._setting(v, n, 0, m))
-            out["models"] = [
-                {"model": m, "parameters": {n: pick(vals, n, i) for n in local}} for i, m in others
-            ]
-            out["parameters"] = {**self.fixed, **{n: pick(vals, n, None) for n in glob}}
-        else:
-            g = spec.layer_granularity
-            slices = []
-            for group in range(self.n_groups):
-                rng = [group * g, (group + 1) * g]
-                sources = [
-                    {"model": m, "layer_range": rng,
-                     "parameters": {n: self._setting(vals, n, group, i) for n in local}}
-                    for i, m in others
-                ]  # fmt: skip
-                if base is not None:
-                    sources.append({"model": base, "layer_range": rng})
-                slices.append({"sources": sources,
-                               "parameters": {n: self._setting(vals, n, group, None)
-                                              for n in glob}})  # fmt: skip
-            out["slices"] = slices
-            out["parameters"] = dict(self.fixed)
-        if spec.dtype is not None:
-            out["dtype"] = spec.dtype
+        out["models"] = [
+            {"model": m, "parameters": {n: self._setting(vals, n, i)
+                                        for n in self.names if self.per_model[n]}}
+            for i, m in enumerate(self.models) if m != base
+        ]  # fmt: skip
+        out["parameters"] = {**self.fixed, **{n: self._setting(vals, n, None)
+                                              for n in self.names if not self.per_model[n]}}  # fmt: skip
+        if self.spec.dtype is not None:
+            out["dtype"] = self.spec.dtype
         out["seed"] = seed
         return out
 

@@ -118,25 +118,27 @@ def _resolve(cfg: SearchConfig, out: Path, base_dir: Path | None) -> tuple[Searc
     return cfg.model_copy(update={"genome": genome}), written
 
 
-def _read_models(paths: list[str]) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every model's tensors as numpy arrays (bfloat16 as int16 bits) and the layer count."""
+def _read_models(paths: list[str]) -> tuple[dict[str, dict[str, Any]], int, list[int]]:
+    """Every model's tensors as numpy arrays (bfloat16 as int16 bits), the layer count and
+    the layer indices the first checkpoint holds."""
     import torch
 
-    from ..arch.names import num_layers
+    from ..arch.names import layer_name, num_layers
     from ..checkpoint.reader import open_checkpoint
 
-    out, layers = {}, 0
+    out, layers, present = {}, 0, []
     for i, p in enumerate(paths):
         ck = open_checkpoint(p)
         if i == 0:
             layers = num_layers(ck.names, ck.config)
+            present = sorted({ln.index for n in ck.names if (ln := layer_name(n)) is not None})
         arrays = {}
         for n in ck.names:
             t = ck.get(n).contiguous()
             arrays[n] = ("bf16", t.view(torch.int16).numpy()) if t.dtype == torch.bfloat16 else (
                 "", t.numpy())  # fmt: skip
         out[p] = arrays
-    return out, layers
+    return out, layers, present
 
 
 def _tensors(arrays: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,8 +307,8 @@ def run_search(
 
     g = cfg.genome
     paths = list(dict.fromkeys([*([g.base_model] if g.base_model else []), *g.models]))
-    arrays, n_layers = _read_models(paths)
-    genome = Genome(g, n_layers)
+    arrays, n_layers, present = _read_models(paths)
+    genome = Genome(g, n_layers, present)
     opt = make_optimizer(cfg.optimizer, genome.dims, genome.x0())
     reference = g.base_model or g.models[0]
     evaluator = make_evaluator(cfg.evaluator, reference=reference, models=written,
