@@ -167,6 +167,7 @@ def test_bad_runs_are_clear_errors(models, cluster, tmp_path):
         run_search(config(models, seed=5), models / "ref", resume=True, progress=False)
     with pytest.raises(RecipeError, match="cannot import module 'nowhere'"):
         run_search(config(models, callable="nowhere:f"), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()  # nothing scored: nothing left behind
     with pytest.raises(RecipeError, match="not a number"):
         run_search(config(models, callable="_scorer:not_a_number"), tmp_path / "y",
                    progress=False)  # fmt: skip

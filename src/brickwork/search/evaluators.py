@@ -8,11 +8,12 @@
 * ``perplexity: [FILE, ...]`` — text files (one example per line, or ``.jsonl``/
   ``.safetensors`` as a recipe's ``data:`` block), tokenised with the reference model's
   tokenizer; the score is minus the mean next-token loss (so lower perplexity is better).
-* ``bench_task: NAME | [NAMES] | all`` with ``suite: text`` — the mean over tasks of the
-  merged encoder's validation accuracy with each task's fine-tuned head, divided by the
-  fine-tune's own validation accuracy (the bench's *normalized*, on validation). Its
-  :meth:`BenchEvaluator.test` reads the test split; the search calls it once, for the best
-  candidate, at the end.
+* ``bench_task: NAME | [NAMES] | all`` with ``suite: text`` (or ``digits``) — the mean over
+  tasks of the merged encoder's validation accuracy with each task's fine-tuned head,
+  divided by the fine-tune's own validation accuracy (the bench's *normalized*, on
+  validation); with ``suite: lm`` — the mean over domains of the share of each fine-tune's
+  loss gain kept on the validation sequences. Their ``test`` reads the test split; the
+  search calls it once, for the best candidate, at the end.
 * lm-eval-harness tasks (mergekit-evolve's ``tasks:``) need ``lm-eval`` installed.
 
 Evaluators are built inside each Ray worker (:meth:`Evaluator.setup`), once per worker.
@@ -195,11 +196,6 @@ class BenchEvaluator(Evaluator):
         from ..bench.suites import make_suite
         from ..bench.train import Trainer, full_state
 
-        if self.spec.suite == "lm":
-            raise RecipeError(
-                "evaluator.bench_task with suite lm is not implemented; use evaluator."
-                "perplexity with the lm suite's validation texts"
-            )
         self.suite = make_suite(self.spec.suite, quick=self.spec.quick, seed=0,
                                 tasks=self.task_names)  # fmt: skip
         self.trainer = Trainer(self.suite, seed=self.spec.train_seed)
@@ -238,6 +234,78 @@ class BenchEvaluator(Evaluator):
         return {"normalized": round(point, 6), "interval": [round(lo, 6), round(hi, 6)],
                 "accuracy": {n: round(v, 6) for n, v in acc.items()},
                 "correct": {n: v.tolist() for n, v in correct.items()}}  # fmt: skip
+
+
+def lm_bench(quick: bool, domains: Sequence[str] | None) -> tuple[Any, Any, Any]:
+    """``(models, token splits, evaluator)`` of the lm bench (trained, or from its cache)."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    from ..bench import lm_data as LD
+    from ..bench import lm_train as LT
+    from ..bench.lm import _context_parts
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model loaded otherwise
+    cfg = LT.QUICK if quick else LT.FULL
+    texts, _ = LD.load_domains(list(domains) if domains else None, 0)
+    models = LT.Models(cfg, texts, 0)
+    models.prepare(jobs=1, bar=lambda *_: contextlib.nullcontext(None))
+    splits, ev, _ = _context_parts(models, texts, cfg, 0)
+    return models, splits, ev
+
+
+class BenchLMEvaluator(Evaluator):
+    """The lm suite: mean over domains of the share of each fine-tune's loss gain the merged
+    model keeps on the *validation* sequences, (L_base - L) / (L_base - L_finetune)."""
+
+    def __init__(self, spec: EvaluatorSpec, domains: Sequence[str]) -> None:
+        self.spec, self.domains = spec, list(domains)
+
+    def setup(self) -> None:
+        from ..bench.lm_rows import mean_losses
+
+        self.models, self.splits, self.ev = lm_bench(self.spec.quick, self.domains)
+        m = self.models
+        self.module = m.load(m.base_key)
+        self.base_val = mean_losses(self.ev.losses(self.module, "val", self.domains))
+        self.ft_val = {}
+        for d in self.domains:
+            self.ft_val |= mean_losses(self.ev.losses(m.load(m.keys[d]), "val", [d]))
+
+    def _load(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        self.module.load_state_dict(dict(state), strict=False)
+        if getattr(self.module.config, "tie_word_embeddings", False):
+            self.module.tie_weights()
+        return self.module
+
+    def score(self, state: Mapping[str, torch.Tensor]) -> float:
+        from ..bench.lm_rows import gain_kept, mean_losses
+
+        loss = mean_losses(self.ev.losses(self._load(state), "val", self.domains))
+        kept = gain_kept(loss, self.base_val, self.ft_val)
+        return sum(kept.values()) / len(kept)
+
+    def test(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Test gain kept (the lm bench's *normalized*) with its 95 % bootstrap interval, and
+        the per-sequence test losses for paired comparisons."""
+        from ..bench import stats as S
+        from ..bench.lm_rows import gain_kept, mean_losses
+
+        m = self.models
+        row = self.ev.losses(self._load(state), "test", self.domains)
+        base = self.ev.losses(m.load(m.base_key), "test", self.domains)
+        ft = {}
+        for d in self.domains:
+            ft |= self.ev.losses(m.load(m.keys[d]), "test", [d])
+        boot = S.Bootstrap({d: len(v) for d, v in row.items()})
+        reps = S.loss_gain_kept(boot.means(row), boot.means(base), boot.means(ft))
+        kept = gain_kept(mean_losses(row), mean_losses(base), mean_losses(ft))
+        lo, hi = S.interval(reps)
+        return {"normalized": round(sum(kept.values()) / len(kept), 6),
+                "interval": [round(lo, 6), round(hi, 6)],
+                "per_domain": {d: round(v, 6) for d, v in kept.items()},
+                "losses": {d: v.tolist() for d, v in row.items()}}  # fmt: skip
 
 
 class LMEvalEvaluator(Evaluator):
@@ -303,4 +371,6 @@ def make_evaluator(
             )
     elif isinstance(names, str):
         names = [names]
+    if spec.suite == "lm":
+        return BenchLMEvaluator(spec, list(names or []))
     return BenchEvaluator(spec, list(names or []))

@@ -64,29 +64,45 @@ def _export_bench_models(models: list[str], spec: Any, out: Path) -> dict[str, s
             f"genome models {sorted(wanted)} must come from one bench suite, the evaluator's "
             f"suite '{spec.suite}'"
         )
-    from ..bench.suites import make_suite
-    from ..bench.train import Trainer, full_state
     from ..checkpoint.reader import TensorInfo
     from ..checkpoint.writer import CheckpointWriter
 
     tasks = [t for _, t in wanted.values() if t != "base"]
-    suite = make_suite(spec.suite, quick=spec.quick, seed=0, tasks=tasks or None)
-    trainer = Trainer(suite, seed=spec.train_seed)
-    by_name = {t.name: t for t in suite.tasks}
+    sources: dict[str, tuple[Callable[[], dict[str, Any]], Path | None]] = {}
+    if spec.suite == "lm":
+        from .evaluators import lm_bench
+
+        lm, _, _ = lm_bench(spec.quick, tasks or None)
+        keys = {"base": lm.base_key, **lm.keys}
+        for m, (_, task) in wanted.items():
+            if task not in keys:
+                raise RecipeError(f"model {m!r}: the lm suite has no domain '{task}'")
+            sources[m] = (lambda k=keys[task]: lm.state(k), lm.dir(keys[task]))
+    else:
+        from ..bench.suites import make_suite
+        from ..bench.train import Trainer, full_state
+
+        suite = make_suite(spec.suite, quick=spec.quick, seed=0, tasks=tasks or None)
+        trainer = Trainer(suite, seed=spec.train_seed)
+        by_name = {t.name: t for t in suite.tasks}
+        for m, (_, task) in wanted.items():
+            if task == "base":
+                sources[m] = (suite.base_state, None)
+            elif task in by_name:
+                sources[m] = (lambda t=by_name[task]: full_state(suite, trainer.finetune(t)[0]),
+                              None)  # fmt: skip
+            else:
+                raise RecipeError(f"model {m!r}: suite {spec.suite} has no task '{task}'")
     paths = {}
     for m, (_, task) in wanted.items():
         d = out / "models" / task
         paths[m] = str(d.absolute())
         if (d / "model.safetensors").is_file():
             continue
-        if task == "base":
-            state = suite.base_state()
-        elif task in by_name:
-            state = full_state(suite, trainer.finetune(by_name[task])[0])
-        else:
-            raise RecipeError(f"model {m!r}: suite {spec.suite} has no task '{task}'")
+        read, side = sources[m]
+        state = read()
         infos = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in state.items()]
-        with CheckpointWriter(d, infos, say=lambda _m: None) as w:
+        with CheckpointWriter(d, infos, side_files=side, say=lambda _m: None) as w:
             for k, v in state.items():
                 w.write(k, v.contiguous())
     return paths
@@ -292,7 +308,23 @@ def run_search(
         raise OutputExistsError(
             f"{out}: already holds a search; pass --resume to continue it, or choose another OUT"
         )
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _search(cfg, out, base_dir, resume=resume, ray_address=ray_address,
+                       workers=workers, progress=progress, test=test, on_record=on_record)  # fmt: skip
+    except BaseException:
+        if created and not (out / LOG).is_file():  # nothing was scored: leave nothing behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _search(cfg: SearchConfig, out: Path, base_dir: Path | None, *, resume: bool,
+            ray_address: str | None, workers: int | None, progress: bool, test: bool,
+            on_record: Callable[[dict[str, Any]], None] | None) -> SearchResult:  # fmt: skip
+    log_path = out / LOG
     cfg, written = _resolve(cfg, out, base_dir)
     now = cfg.model_dump(mode="json")
     stored_path = out / "config.yml"
