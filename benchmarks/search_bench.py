@@ -1,10 +1,17 @@
-"""Search on the text suite: per-layer merge coefficients found by ``brickwork search``
-against the best grid-tuned data-free row of ``brickwork bench --suite text``.
+"""Search on the text and lm suites: per-layer merge coefficients found by ``brickwork
+search`` against the best grid-tuned data-free row of ``brickwork bench``.
 
     .venv/bin/brickwork bench --suite text --out /tmp/bench-text        # the grid rows
-    .venv/bin/python benchmarks/search_text.py --bench /tmp/bench-text/results.json \\
+    .venv/bin/python benchmarks/search_bench.py --bench /tmp/bench-text/results.json \\
         --method ties --evals 200
-    .venv/bin/python benchmarks/search_text.py --bench ... --scaling 24  # 1 vs 2 workers
+    .venv/bin/python benchmarks/search_bench.py --bench ... --scaling 24  # 1 vs 2 workers
+    .venv/bin/brickwork bench --suite lm --out /tmp/bench-lm
+    .venv/bin/python benchmarks/search_bench.py --bench /tmp/bench-lm/results.json --method ties
+
+On the lm suite the score is the mean over domains of the share of each fine-tune's loss
+gain kept (validation sequences during the search, test once at the end), and the grid
+row is rebuilt from the bench's own ``recipes/<row>.yaml`` and scored on the same test
+sequences for the paired bootstrap.
 
 The search's models are the bench's own fine-tunes (``bench:text/<task>``, the same cache,
 seed and splits as the bench run); its score is the mean over tasks of validation accuracy
@@ -19,7 +26,7 @@ run: evaluations per minute of each and their ratio, and the per-candidate split
 merge, evaluation and Ray's share (the wall time per candidate seen by the driver minus
 the worker's merge + evaluation).
 
-Results: ``benchmarks/results/search_text_<method>.json`` (+ ``.png``, the score curve),
+Results: ``benchmarks/results/search_<suite>_<method>.json`` (+ ``.png``, the score curve),
 ``benchmarks/results/search_scaling.json``.
 """
 
@@ -57,11 +64,11 @@ def best_grid_row(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def search_config(tasks: list[str], method: str, evals: int, workers: int, *,
-                  granularity: int, seed: int, quick: bool) -> dict[str, Any]:  # fmt: skip
+                  granularity: int, seed: int, quick: bool, suite: str = "text") -> dict[str, Any]:  # fmt: skip
     genome: dict[str, Any] = {
         "merge_method": method,
-        "base_model": "bench:text/base",
-        "models": [f"bench:text/{t}" for t in tasks],
+        "base_model": f"bench:{suite}/base",
+        "models": [f"bench:{suite}/{t}" for t in tasks],
         "layer_granularity": granularity,
         "parameters": PARAMS[method],
     }
@@ -69,7 +76,7 @@ def search_config(tasks: list[str], method: str, evals: int, workers: int, *,
         genome["fixed"] = {"lambda": 1.0}
     return {
         "genome": genome,
-        "evaluator": {"bench_task": "all", "suite": "text", "quick": quick},
+        "evaluator": {"bench_task": "all", "suite": suite, "quick": quick},
         "optimizer": {"name": "cma", "seed": seed},
         "max_evals": evals,
         "ray": {"workers": workers},
@@ -90,30 +97,66 @@ def compare(search_test: dict[str, Any], grid: dict[str, Any], individual: dict[
             "verdict": S.compare(a, b), "goal_2_points": bool(lo > 0.02)}  # fmt: skip
 
 
+def compare_lm(search_test: dict[str, Any], grid: dict[str, Any], bench_dir: Path,
+               quick: bool) -> dict[str, Any]:  # fmt: skip
+    """The lm suite: the grid row rebuilt from the bench's own recipe (``recipes/<row>.yaml``)
+    and scored on the same test sequences; paired bootstrap of the gain kept."""
+    from brickwork.bench import stats as S
+    from brickwork.merge.api import merge
+    from brickwork.search.evaluators import lm_bench
+
+    domains = list(search_test["losses"])
+    models, _, ev = lm_bench(quick, domains)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = merge(bench_dir / "recipes" / f"{grid['method']}.yaml", Path(tmp) / "m",
+                       progress=False)  # fmt: skip
+        from transformers import AutoModelForCausalLM
+
+        theirs = ev.losses(AutoModelForCausalLM.from_pretrained(str(merged)), "test", domains)
+    base = ev.losses(models.load(models.base_key), "test", domains)
+    ft = {}
+    for d in domains:
+        ft |= ev.losses(models.load(models.keys[d]), "test", [d])
+    ours = {d: np.asarray(v) for d, v in search_test["losses"].items()}
+    boot = S.Bootstrap({d: len(v) for d, v in ours.items()})
+    bm, fm = boot.means(base), boot.means(ft)
+    a = S.loss_gain_kept(boot.means(ours), bm, fm)
+    b = S.loss_gain_kept(boot.means(theirs), bm, fm)
+    lo, hi = S.interval(a - b)
+    return {"difference": round(float(np.mean(a - b)), 6), "interval": [round(lo, 6), round(hi, 6)],
+            "verdict": S.compare(a, b), "goal_2_points": bool(lo > 0.02),
+            "grid_rebuilt_test_losses": {d: round(float(np.mean(v)), 5) for d, v in theirs.items()}}  # fmt: skip
+
+
 def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     from brickwork.search import run_search
 
     tasks = [t["name"] for t in results["tasks"]]
     grid = best_grid_row(results)
     individual = next(r for r in results["rows"] if r["method"] == "individual")
-    out = Path(args.out or tempfile.mkdtemp(prefix="search-text-"))
-    cfg = search_config(tasks, args.method, args.evals, args.workers,
+    suite = results["suite"]
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"search-{suite}-"))
+    cfg = search_config(tasks, args.method, args.evals, args.workers, suite=suite,
                         granularity=args.granularity, seed=args.seed, quick=results["quick"])  # fmt: skip
     t0 = time.perf_counter()
     res = run_search(cfg, out, resume=(out / "search.jsonl").is_file(), progress=True)
     wall = time.perf_counter() - t0
-    # the search's test score must be on the bench's own fine-tunes and test examples
-    ft = _correct(individual)
-    for t, v in res.test["correct"].items():
-        assert len(v) == len(ft[t]), f"task {t}: test sizes differ from the bench run"
-    cmp = compare(res.test, grid, individual)
+    if suite == "lm":
+        cmp = compare_lm(res.test, grid, Path(args.bench).parent, results["quick"])
+    else:  # the search's test score must be on the bench's own fine-tunes and test examples
+        ft = _correct(individual)
+        for t, v in res.test["correct"].items():
+            assert len(v) == len(ft[t]), f"task {t}: test sizes differ from the bench run"
+        cmp = compare(res.test, grid, individual)
     curve, best = [], float("-inf")
     for r in res.records:
         if r.get("score") is not None:
             best = max(best, r["score"])
         curve.append(round(best, 6))
     out_json = {
-        "command": f"benchmarks/search_text.py --method {args.method} --evals {args.evals}",
+        "command": f"benchmarks/search_bench.py --bench {suite}/results.json --method "
+        f"{args.method} --evals {args.evals}",
+        "suite": suite,
         "method": args.method,
         "genes": res.report["genes"],
         "evaluations": res.evaluations,
@@ -135,9 +178,10 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         "search_out": str(out),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"search_text_{args.method}.json").write_text(json.dumps(out_json, indent=1) + "\n")
+    stem = f"search_{suite}_{args.method}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out_json, indent=1) + "\n")
     if (out / "scores.png").is_file():
-        shutil.copy(out / "scores.png", RESULTS / f"search_text_{args.method}.png")
+        shutil.copy(out / "scores.png", RESULTS / f"{stem}.png")
     print(
         f"search ({args.method}, {res.evaluations} evals, {wall:.0f} s): validation "
         f"{res.best['score']:.4f}, test normalized {res.test['normalized']:.4f} "
@@ -174,7 +218,7 @@ def scaling(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         )
     ratio = rows[2]["evaluations_per_minute"] / rows[1]["evaluations_per_minute"]
     print(f"2 vs 1 workers: x{ratio:.2f} (goal >= 1.7)")
-    out_json = {"command": f"benchmarks/search_text.py --scaling {args.scaling}",
+    out_json = {"command": f"benchmarks/search_bench.py --scaling {args.scaling}",
                 "method": args.method, "evaluations": args.scaling, "rows": rows,
                 "ratio_2_vs_1": round(ratio, 3)}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -194,8 +238,8 @@ def main() -> None:
     ap.add_argument("--scaling", type=int, default=0, help="measure 1 vs 2 workers on N evals")
     args = ap.parse_args()
     results = json.loads(Path(args.bench).read_text())
-    if results["suite"] != "text":
-        raise SystemExit(f"{args.bench}: a text-suite results.json is expected")
+    if results["suite"] not in ("text", "lm"):
+        raise SystemExit(f"{args.bench}: a text or lm suite results.json is expected")
     if args.scaling:
         scaling(args, results)
     else:
