@@ -23,3 +23,10 @@ def die_once(model):
 
 def not_a_number(model):
     return "high"
+
+
+def module_kind(model):
+    """1.0 when the merged model arrives as a transformers module, else 0.0."""
+    import torch
+
+    return float(isinstance(model, torch.nn.Module) and hasattr(model, "config"))

@@ -177,3 +177,77 @@ def test_bad_runs_are_clear_errors(models, cluster, tmp_path):
         cfg["genome"]["models"] = ["a", "missing"]
         bad.write_text(yaml.safe_dump(cfg))
         run_search(bad, tmp_path / "z", progress=False)
+
+
+def _hf_config(root: Path, llama_family, evaluator: dict, max_evals: int = 4) -> Path:
+    cfg = {
+        "genome": {"merge_method": "task_arithmetic", "base_model": str(llama_family.base),
+                   "models": [str(llama_family.ft1), str(llama_family.ft2)],
+                   "parameters": ["weight"]},
+        "evaluator": evaluator,
+        "optimizer": {"name": "random", "seed": 0, "batch": 2},
+        "max_evals": max_evals, "ray": {"workers": 2},
+    }  # fmt: skip
+    p = root / "hf.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_perplexity_evaluator_scores_minus_the_mean_token_loss(llama_family, cluster, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from brickwork.merge.api import merge
+    from brickwork.recipe import DataSpec
+    from brickwork.stats.data import load_batches
+
+    text = tmp_path / "val.safetensors"  # input_ids (the fixture's tokenizer is a stub)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (12, 10), generator=g)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(text))
+    out = tmp_path / "ppl"
+    res = run_search(_hf_config(tmp_path, llama_family, {"perplexity": [str(text)]}), out,
+                     progress=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(str(merge(out / "best.yml", tmp_path / "m",
+                                                           progress=False))).eval()  # fmt: skip
+    batches = load_batches(DataSpec(path=str(text)), model_dir=llama_family.base,
+                           vocab_size=None, where="test")  # fmt: skip
+    total = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            ids, mask = b["input_ids"], b["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:],
+                                                    reduction="none")  # fmt: skip
+            m = mask[:, 1:].bool()
+            total += float(nll[m].sum())
+            count += int(m.sum())
+    assert res.best["score"] == pytest.approx(-total / count, rel=1e-5)
+
+
+def test_callable_gets_a_transformers_module_for_hf_directories(llama_family, cluster, tmp_path):
+    res = run_search(_hf_config(tmp_path, llama_family, {"callable": "_scorer:module_kind"}),
+                     tmp_path / "kind", progress=False)  # fmt: skip
+    assert [r["score"] for r in res.records] == [1.0] * 4
+
+
+def test_joins_a_running_cluster_with_ray_address(models, reference, tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = 26379 + os.getpid() % 1000
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        out = tmp_path / "joined"
+        run_search(config(models), out, ray_address=f"127.0.0.1:{port}", progress=False)
+        assert points(out) == points(models / "ref")
+        assert not ray.is_initialized()  # disconnected from the cluster it joined ...
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
