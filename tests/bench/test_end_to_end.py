@@ -29,7 +29,7 @@ def test_every_row_has_intervals_and_a_comparison_with_linear(quick_results):
         assert "source" in t and "source_version" in t
     n_test = {t["name"]: t["n_test"] for t in results["tasks"]}
     ok = [r for r in results["rows"] if r["status"] == "ok"]
-    assert {r["kind"] for r in ok} == {"reference", "merge", "moe"}
+    assert {r["kind"] for r in ok} == {"reference", "merge", "moe", "compress"}
     for r in ok:
         for value, (lo, hi) in ((r["avg"], r["avg_ci"]), (r["normalized"], r["normalized_ci"])):
             assert 0 <= lo <= value <= hi, (r["method"], lo, value, hi)
@@ -51,10 +51,13 @@ def test_every_registered_method_has_a_row(quick_results):
     results, _ = quick_results
     methods = [r["method"] for r in results["rows"]]
     assert methods[:4] == ["base", "individual", "multitask", "ensemble"]
-    n = len(MOE_ROWS)
-    # data-free merge rows, data-aware merge rows, then the MoE rows
-    assert sorted(methods[4:-n]) == list_methods(data_aware=True)
-    assert methods[-n:] == list(MOE_ROWS)
+    from brickwork.bench.compress_names import COMPRESS_ROWS
+
+    n, c = len(MOE_ROWS), len(COMPRESS_ROWS)
+    # data-free merge rows, data-aware merge rows, the MoE rows, then the compression rows
+    assert sorted(methods[4 : -n - c]) == list_methods(data_aware=True)
+    assert methods[-n - c : -c] == list(MOE_ROWS)
+    assert methods[-c:] == list(COMPRESS_ROWS)
     for r in results["rows"]:
         assert r["status"] == "ok" or r["reason"]  # a skipped row says why
     ind = next(r for r in results["rows"] if r["method"] == "individual")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"reference": "#555555", "merge": "#1f77b4", "moe": "#d62728"}
+COLOURS = {"reference": "#555555", "merge": "#1f77b4", "moe": "#d62728", "compress": "#2ca02c"}
 LEVELS = ("base", "individual")  # drawn as lines, not points
 
 

@@ -24,7 +24,9 @@ active parameters), a rich table, and the environment (package versions, hardwar
                                              # | align+linear | align+ties | ot_fusion
                                              # | ... (alignment rows, kind "merge":
                                              # brickwork.bench.scratch.ALIGN_ROWS)
-        "kind": "reference" | "merge" | "moe",
+        "kind": "reference" | "merge" | "moe" | "compress",
+                                             # compress: lora_r8 | ... | svd_llm_40
+                                             # (brickwork.bench.compress_names)
         "status": "ok" | "skipped",
         "reason": str | null,                # why skipped
         "per_task": {task: float},           # test accuracy
@@ -129,6 +131,8 @@ _TASK: dict[str, tuple[type, ...]] = {
     "source_version": (str, type(None)),
 }  # fmt: skip
 VS_LINEAR = ("better", "worse", "tie")
+#: The kinds of row ``results.json`` may hold.
+ROW_KINDS = ("reference", "merge", "moe", "compress")
 
 
 class ResultsSchemaError(BrickworkError):
@@ -166,8 +170,8 @@ def validate(results: dict[str, Any]) -> None:
             bad.append(f"rows[{i}]: not an object")
             continue
         check(f"rows[{i}]", r, _ROW)
-        if r.get("kind") not in ("reference", "merge", "moe"):
-            bad.append(f"rows[{i}].kind: {r.get('kind')!r} is not 'reference', 'merge' or 'moe'")
+        if r.get("kind") not in ROW_KINDS:
+            bad.append(f"rows[{i}].kind: {r.get('kind')!r} is not one of {ROW_KINDS}")
         if r.get("status") not in ("ok", "skipped"):
             bad.append(f"rows[{i}].status: {r.get('status')!r} is not 'ok' or 'skipped'")
         if r.get("vs_linear") not in (*VS_LINEAR, None):

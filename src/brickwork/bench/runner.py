@@ -256,9 +256,10 @@ def run_bench(
     """Run one benchmark suite and write ``results.json``, ``results.md``, ``normalized.png``
     and ``params.png`` under ``out`` (default ``bench-results/<suite>-<date>/``). Returns the
     results dict
-    (schema: :data:`brickwork.bench.report.SCHEMA_DOC`). ``methods`` names merge methods
-    and MoE rows (:data:`brickwork.bench.moe_rows.MOE_ROWS`); ``moe=False`` drops the MoE
-    rows when ``methods`` is None.
+    (schema: :data:`brickwork.bench.report.SCHEMA_DOC`). ``methods`` names merge methods,
+    MoE rows (:data:`brickwork.bench.moe_rows.MOE_ROWS`) and compression rows
+    (:data:`brickwork.bench.compress_names.COMPRESS_ROWS`, :mod:`.compress_rows`);
+    ``moe=False`` drops the MoE rows when ``methods`` is None.
 
     ``jobs``: processes that train the missing fine-tunes (default: 2 on a machine with two
     or more CPUs, 1 with ``quick``). ``threads``: torch threads of this process while the
@@ -331,6 +332,8 @@ def _run_bench(
     jobs: int | None,
 ) -> dict[str, Any]:
     """One training seed's results (validated and written by :func:`run_bench`)."""
+    from .compress_names import split_compress
+    from .compress_rows import compress_rows
     from .costs import Costs
     from .data_rows import data_rows
     from .moe_rows import moe_rows, split_methods
@@ -342,6 +345,8 @@ def _run_bench(
     if methods is None and s.default_rows is not None:
         methods = list(s.default_rows)
     methods, align_names = split_align_rows(methods)
+    _check_row_names(methods)
+    methods, compress_names = split_compress(methods)
     methods, moe_names = split_methods(methods, moe=moe)
     methods, data_names = _split_data_aware(methods)
     for why, names in _group_skipped(s.skipped).items():  # one line per missing package
@@ -358,7 +363,8 @@ def _run_bench(
     mt_enc, mt_heads = trainer.multitask(task_list)
     spec = (s.name, s.quick, s.seed, [t.name for t in task_list], asdict(s.config), train_seed)
     in_workers = prefill_rows(spec, s, trainer, methods, data_names, moe_names, jobs=jobs,
-                              progress=bar, align_names=align_names)  # fmt: skip
+                              progress=bar, align_names=align_names,
+                              compress_names=compress_names)  # fmt: skip
     ev = Evaluator(s, trainer)
     base = s.base_state()
     shared = s.shared_params()  # a frozen trunk every model shares: counted once
@@ -450,6 +456,8 @@ def _run_bench(
     )  # fmt: skip
     rows += moe_rows(s, task_list, ev, finetunes, moe_names, seed=train_seed, progress=bar,
                      costs=costs, reused=reused)  # fmt: skip
+    rows += compress_rows(s, task_list, ev, finetunes, compress_names, seed=train_seed,
+                          progress=bar, costs=costs, reused=reused)  # fmt: skip
     _finish(rows, task_list, seed=seed)
     reused = [n for n in reused if n not in in_workers]  # computed in this run, by a worker
 
@@ -476,7 +484,9 @@ def _run_bench(
 
 #: Rows that take longest on the text suite (measured): submitted first.
 _SLOW_FIRST = ("moe:moe_train", "moe:moe_task", "data:regmean_plusplus", "data:adamerging",
-               "merge:breadcrumbs", "merge:wudi", "data:fisher", "moe:moefy_top4of8")  # fmt: skip
+               "merge:breadcrumbs", "merge:wudi", "data:fisher", "moe:moefy_top4of8",
+               "compress:sparsegpt_2of4", "compress:sparsegpt_50", "compress:svd_llm_20",
+               "compress:svd_llm_40")  # fmt: skip
 _ROW_CONTEXT: dict[Any, dict[str, Any]] = {}
 
 
@@ -525,6 +535,10 @@ def _row_job(spec: tuple[Any, ...], kind: str, name: str) -> str:
             enc_params=s.shared_params() + sum(v.numel() for v in s.base_state().values()),
             **common,
         )  # fmt: skip
+    elif kind == "compress":
+        from .compress_rows import compress_rows
+
+        compress_rows(s, tasks, c["ev"], c["finetunes"], [name], **common)
     elif kind == "data":
         data_rows(
             s, tasks, c["ev"], c["finetunes"], [name], row=_row,
@@ -549,14 +563,17 @@ def prefill_rows(
     jobs: int,
     progress: Any,
     align_names: Sequence[str] = (),
+    compress_names: Sequence[str] = (),
 ) -> set[str]:
-    """With ``jobs > 1``, compute the merge, alignment, data-aware and MoE rows missing from
+    """With ``jobs > 1``, compute the merge, alignment, data-aware, MoE and compression rows
+    (kind ``"compress"``) missing from
     the row cache in ``jobs`` processes of one torch thread (rows are independent once the
     fine-tunes are cached; one process of one thread leaves the other cores idle); the
     run then reads them from the cache in its usual order. ``trainer`` has read every
     probe, fine-tune and the multitask model (its keys make the row keys). Returns the
     rows computed."""
     from ..merge.registry import list_methods
+    from .compress_rows import compress_row_key
     from .moe_rows import moe_row_key
 
     if jobs <= 1:
@@ -576,6 +593,9 @@ def prefill_rows(
     for name in moe_names:
         if load_cached_row(moe_row_key(s, tasks, trainer, name, seed=seed)) is None:
             todo.append(("moe", name))
+    for name in compress_names:
+        if load_cached_row(compress_row_key(s, tasks, trainer, name, seed=seed)) is None:
+            todo.append(("compress", name))
     return rows_in_workers(_row_job, spec, todo, _SLOW_FIRST, jobs=jobs, progress=progress)
 
 
@@ -609,6 +629,20 @@ def rows_in_workers(
             if b is not None:
                 b.advance()
     return done
+
+
+def _check_row_names(methods: Sequence[str] | None) -> None:
+    """An unknown name among ``methods`` (alignment rows already split off) raises with every
+    valid merge method, MoE row and compression row."""
+    from ..errors import unknown_name
+    from ..merge.registry import list_methods
+    from .compress_names import COMPRESS_ROWS
+    from .moe_rows import MOE_ROWS
+
+    known = [*list_methods(data_aware=True), *MOE_ROWS, *COMPRESS_ROWS]
+    for m in methods or ():
+        if m not in known:
+            raise unknown_name("merge method, MoE row or compression row", m, known)
 
 
 def _split_data_aware(methods: list[str] | None) -> tuple[list[str] | None, list[str]]:
