@@ -101,7 +101,10 @@ def test_test_split_is_read_once_per_row_after_selection(lm_run):
     ok = [r for r in results["rows"] if r["status"] == "ok" and r["kind"] != "reference"]
     n_domains = len(results["tasks"])
     tests = [c for c in calls if c[0] == "test"]
-    assert len(tests) == 1 + n_domains + len(ok)  # base, each fine-tune, each row once
+    # base, each fine-tune, each row once; a compression row once per domain (each domain
+    # scored by its own compressed fine-tune, like the fine-tunes)
+    n_compress = sum(r["kind"] == "compress" for r in ok)
+    assert len(tests) == 1 + n_domains + len(ok) + (n_domains - 1) * n_compress
     # every selection call came before its row's test read: the last call is a test read
     # and no two test reads of merge rows follow each other without validation between
     after_refs = calls[2 + 2 * n_domains :]

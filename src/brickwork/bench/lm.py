@@ -7,7 +7,12 @@ merge method (``merge_state_dicts`` of the fine-tunes, hyperparameters from the 
 ``search_space`` chosen on the validation split); ``moe_<router>``: the fine-tunes upcycled
 into a Mixtral through ``upcycle_from_recipe``, the code path of ``brickwork route upcycle``,
 one row per router mode (top-k and the non-FFN tensors, base's or averaged, chosen on
-validation). The test split is read once per row, after the selection.
+validation); the compression rows (kind ``compress``, :mod:`brickwork.bench.lm_compress_rows`:
+LoRA-extracted, pruned and SVD-LLM-factorised fine-tunes, each domain scored by its own
+compressed fine-tune like ``individual``). The test split is read once per row, after the
+selection. ``latency_ms`` (reference and compression rows): forward time per sequence of one
+fixed validation batch, the fastest of a few repeats
+(:func:`brickwork.bench.lm_rows.latency_ms`).
 
 Scores: per domain the perplexity ``exp(L)`` of the test sequences (``L``: the mean over
 sequences of each sequence's mean next-token loss); ``normalized`` = mean over domains of
@@ -41,11 +46,15 @@ from . import lm_data as LD
 from . import lm_report as report
 from . import lm_train as LT
 from . import stats as S
+from .compress_names import split_compress
+from .lm_compress_rows import compress_key, compress_rows
 from .lm_rows import (
     MOE_ROUTERS,
     Evaluator,
     advance,
     data_rows,
+    latency_batch,
+    latency_ms,
     mean_losses,
     merge_rows,
     moe_rows,
@@ -85,9 +94,11 @@ def _dpkg_version(pkg: str) -> str | None:
 
 
 def split_names(methods: Sequence[str] | None, *, moe: bool) -> tuple[list[str] | None, list[str]]:
-    """(merge methods or None for all, router modes) of ``--methods`` (``moe_<router>``)."""
+    """(merge methods or None for all, router modes) of ``--methods`` (``moe_<router>``);
+    the compression rows' names (:func:`split_compress`) are neither."""
     if methods is None:
         return None, list(MOE_ROUTERS) if moe else []
+    methods = split_compress(methods)[0]
     merges = [m for m in methods if not m.startswith("moe_")]
     routers = [m.removeprefix("moe_") for m in methods if m.startswith("moe_")]
     unknown = [r for r in routers if r not in MOE_ROUTERS]
@@ -115,8 +126,9 @@ def run_lm_bench(
 ) -> dict[str, Any]:
     """Run the LM suite and write ``models/``, ``recipes/``, ``results.json``, ``results.md``
     and ``normalized.png`` under ``out`` (default ``bench-results/lm-<date>/``). ``tasks``:
-    domains (default: every installed one); ``methods``: merge methods and ``moe_<router>``
-    rows; ``jobs``: processes training fine-tunes (default 2; 1 with ``quick``)."""
+    domains (default: every installed one); ``methods``: merge methods, ``moe_<router>``
+    and compression rows (:data:`~brickwork.bench.compress_names.COMPRESS_ROWS`); ``jobs``:
+    processes training fine-tunes (default 2; 1 with ``quick``)."""
     from transformers.utils import logging as hf_logging
 
     old, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
@@ -143,6 +155,7 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     merges, routers = split_names(methods, moe=moe)
+    compress = split_compress(methods)[1]
     from .runner import _split_data_aware
 
     merges, aware = _split_data_aware(merges)
@@ -165,13 +178,14 @@ def _run(*, out: Path | None, quick: bool, domains: list[str] | None,
     refs = _reference_rows(models, ev, row_key, reused, bar)
     ref_val = (refs[0].pop("_val"), refs[1].pop("_val"))
     spec = (quick, list(texts), seed)
-    in_workers = _prefill(spec, row_key, merges, aware, routers, jobs=jobs, bar=bar)
+    in_workers = _prefill(spec, row_key, merges, aware, routers, compress, jobs=jobs, bar=bar)
     rows = refs + merge_rows(models, ev, ref_val, merges, seed=seed, quick=quick,
                              row_key=row_key, reused=reused, bar=bar)  # fmt: skip
     rows += data_rows(models, ev, ref_val, aware, seed=seed, quick=quick, row_key=row_key,
                       reused=reused, bar=bar)  # fmt: skip
     rows += moe_rows(models, ev, ref_val, routers, seed=seed, quick=quick, row_key=row_key,
                      reused=reused, bar=bar)  # fmt: skip
+    rows += compress_rows(models, ev, compress, row_key=row_key, reused=reused, bar=bar)
     boot = S.Bootstrap({d: len(x) for d, x in splits["test"].items()}, seed=seed)
     score_rows(rows, boot)
     reused[:] = [n for n in reused if n not in in_workers]  # computed by a worker, this run
@@ -235,7 +249,8 @@ _CONTEXT: dict[Any, dict[str, Any]] = {}
 
 
 def _row_job(spec: tuple[Any, ...], kind: str, name: str) -> str:
-    """Worker process: one merge, data-aware or MoE row into the row cache (1 thread)."""
+    """Worker process: one merge, data-aware, MoE or compression row into the row cache
+    (1 thread)."""
     from transformers.utils import logging as hf_logging
 
     from .runner import _progress_factory
@@ -255,6 +270,9 @@ def _row_job(spec: tuple[Any, ...], kind: str, name: str) -> str:
         ref_val = (refs[0]["_val"], refs[1]["_val"])
         _CONTEXT[key] = dict(models=models, ev=ev, row_key=row_key, ref_val=ref_val, bar=bar)
     c = _CONTEXT[key]
+    if kind == "compress":
+        compress_rows(c["models"], c["ev"], [name], row_key=c["row_key"], reused=[], bar=c["bar"])
+        return name
     fn = {"merge": merge_rows, "data": data_rows, "moe": moe_rows}[kind]
     fn(c["models"], c["ev"], c["ref_val"], [name], seed=seed, quick=quick,
        row_key=c["row_key"], reused=[], bar=c["bar"])  # fmt: skip
@@ -267,7 +285,7 @@ _SLOW_FIRST = ("data:regmean_plusplus", "data:adamerging", "data:fisher", "moe:t
 
 
 def _prefill(spec: tuple[Any, ...], row_key: Callable[[str], str], merges: list[str] | None,
-             aware: list[str], routers: list[str], *, jobs: int,
+             aware: list[str], routers: list[str], compress: Sequence[str] = (), *, jobs: int,
              bar: Callable[[str, int], Any]) -> set[str]:  # fmt: skip
     """With ``jobs > 1``, the rows missing from the row cache are computed in ``jobs``
     worker processes of one torch thread (the run then reads them from the cache in its
@@ -280,6 +298,7 @@ def _prefill(spec: tuple[Any, ...], row_key: Callable[[str], str], merges: list[
     todo += [("data", n) for n in aware] + [("moe", r) for r in routers]
     todo = [(k, n) for k, n in todo
             if load_row(row_key(f"{'moe' if k == 'moe' else 'merge'}:{n}")) is None]  # fmt: skip
+    todo += [("compress", n) for n in compress if load_row(compress_key(row_key, n)) is None]
     from .runner import rows_in_workers
 
     done = rows_in_workers(_row_job, spec, todo, _SLOW_FIRST, jobs=jobs, progress=bar)
@@ -301,19 +320,23 @@ def _reference_rows(models: Models, ev: Evaluator, row_key: Callable[[str], str]
         t0 = time.perf_counter()
         base = models.load(models.base_key)
         bt, bv = ev.losses(base, "test"), ev.losses(base, "val")
+        lat_batch = latency_batch(ev)
+        base_lat = latency_ms(base, lat_batch)
         advance(b)
-        rows = [new_row("base", "reference", params=n, active_params=n,
+        rows = [new_row("base", "reference", params=n, active_params=n, latency_ms=base_lat,
                         seconds=round(time.perf_counter() - t0, 2),
                         train_seconds=models.train_seconds.get("base"),
                         _losses={d: v.tolist() for d, v in bt.items()}, _val=mean_losses(bv))]  # fmt: skip
-        t0, it, iv = time.perf_counter(), {}, {}
+        t0, it, iv, lat = time.perf_counter(), {}, {}, []
         for d, k in models.keys.items():
             ft = models.load(k)
             it |= ev.losses(ft, "test", [d])
             iv |= ev.losses(ft, "val", [d])
+            lat.append(latency_ms(ft, lat_batch))
             advance(b)
     ts = [models.train_seconds.get(d) for d in domains]
     rows.append(new_row("individual", "reference", params=n * len(domains), active_params=n,
+                        latency_ms=round(sum(lat) / len(lat), 4),
                         seconds=round(time.perf_counter() - t0, 2),
                         train_seconds=round(sum(t for t in ts if t), 2) if any(ts) else None,
                         _losses={d: v.tolist() for d, v in it.items()}, _val=mean_losses(iv)))  # fmt: skip

@@ -16,8 +16,10 @@ terminal table that fits the console.
       "cache": {"hits": {"base" | domain: bool}, "reused_rows": [str]},
       "bootstrap": {"resamples": int, "seed": int, "level": float},
       "rows": [{
-        "method": str,             # base | individual | <merge method> | moe_<router>
-        "kind": "reference" | "merge" | "moe", "status": "ok" | "skipped", "reason": str | null,
+        "method": str,             # base | individual | <merge method> | moe_<router> |
+                                   # <compression row> (bench/compress_names.py)
+        "kind": "reference" | "merge" | "moe" | "compress", "status": "ok" | "skipped",
+        "reason": str | null,
         "per_task": {domain: float},          # test perplexity exp(L)
         "loss_per_task": {domain: float},     # L: mean over test sequences of the mean loss
         "avg": float | null,                  # exp(mean over domains of L): geometric mean
@@ -28,12 +30,15 @@ terminal table that fits the console.
         "normalized_per_task": {domain: float},
         "vs_linear": "better" | "worse" | "tie" | null,  # paired bootstrap of normalized
         "params": int | null, "active_params": int | null,
+        "latency_ms": float | null,           # reference and compression rows: forward time
+                                              # per sequence, one fixed validation batch
         "seconds": float | null, "train_seconds": float | null,
         "hyperparameters": {name: value},     # chosen on the validation split
         "validation": null | {"normalized": float, "tried": [{"params", "val_avg" | "error"}]},
         "recipe": null | {...},               # the recipe written to recipes/<method>.yaml
                                               # (data-aware: calibration/<domain>-<n>.safetensors)
-        "statistics": null | {...}            # data-aware rows: as in brickwork-bench/4
+        "statistics": null | {...}            # data-aware rows: as in brickwork-bench/4;
+                                              # calibrated compression rows: split, examples
       }],
       "environment": {...}, "wall_seconds": float
     }
@@ -48,14 +53,15 @@ from .report import ResultsSchemaError, write_json_and_markdown
 
 SCHEMA_VERSION = "brickwork-bench-lm/2"
 SCHEMA_DOC = __doc__
+KINDS = ("reference", "merge", "moe", "compress")
 
 _TOP = ("schema", "suite", "metric", "seed", "quick", "created", "tasks", "skipped_tasks",
         "train_config", "model", "models", "cache", "bootstrap", "rows", "environment",
         "wall_seconds")  # fmt: skip
 _ROW = ("method", "kind", "status", "reason", "per_task", "loss_per_task", "avg", "avg_ci",
         "normalized", "normalized_ci", "normalized_per_task", "vs_linear", "params",
-        "active_params", "seconds", "train_seconds", "hyperparameters", "validation", "recipe",
-        "statistics")  # fmt: skip
+        "active_params", "latency_ms", "seconds", "train_seconds", "hyperparameters",
+        "validation", "recipe", "statistics")  # fmt: skip
 
 
 def validate(results: dict[str, Any]) -> None:
@@ -70,7 +76,7 @@ def validate(results: dict[str, Any]) -> None:
     for i, r in enumerate(results.get("rows", [])):
         bad += [f"rows[{i}]: missing '{k}'" for k in _ROW if k not in r]
         bad += [f"rows[{i}]: unexpected key '{k}'" for k in r if k not in _ROW]
-        if r.get("kind") not in ("reference", "merge", "moe"):
+        if r.get("kind") not in KINDS:
             bad.append(f"rows[{i}].kind: {r.get('kind')!r}")
         if r.get("status") == "ok":
             if sorted(r.get("per_task", {})) != names:
@@ -130,7 +136,7 @@ def _sorted_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(results: dict[str, Any]) -> str:
     tasks = [t["name"] for t in results["tasks"]]
     head = ["method", "kind", "normalized (%)", "95 % CI", "vs linear", *tasks, "avg ppl",
-            "params (M)", "active (M)", "seconds", "hyperparameters"]  # fmt: skip
+            "params (M)", "active (M)", "latency (ms)", "seconds", "hyperparameters"]  # fmt: skip
     lines = [
         "# brickwork bench — suite `lm`" + (" (quick)" if results["quick"] else ""),
         "",
@@ -138,10 +144,14 @@ def markdown(results: dict[str, Any]) -> str:
         "row keeps, (L_base − L) ÷ (L_base − L_finetune), averaged over domains (base 0 %, "
         "individual 100 %); 95 % bootstrap intervals over test sequences; *vs linear*: paired "
         "bootstrap against averaging. *avg ppl*: exp of the mean loss over domains. "
-        "Hyperparameters were chosen on the validation split.",
+        "Hyperparameters were chosen on the validation split. *compress* rows: each fine-tune "
+        "compressed on its own and scored on its own domain (like *individual*); *params*: "
+        "stored parameters over all per-domain models (pruned: non-zeros); *latency*: forward "
+        "time per sequence of one fixed batch of 8 validation sequences, fastest of 5 "
+        "(pruned weights are stored dense and run at dense speed).",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---", "---"] + ["---:"] * (len(tasks) + 7) + ["---"]) + "|",
+        "|" + "|".join(["---", "---"] + ["---:"] * (len(tasks) + 8) + ["---"]) + "|",
     ]
     skipped = []
     for r in _sorted_rows(results):
@@ -150,7 +160,8 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         cells = [f"`{r['method']}`", r["kind"], _pct(r["normalized"]), _ci(r["normalized_ci"]),
                  r["vs_linear"] or "", *(_ppl(r["per_task"][t]) for t in tasks), _ppl(r["avg"]),
-                 _m(r["params"]), _m(r["active_params"]), f"{r['seconds'] or 0:.1f}", _hp(r)]  # fmt: skip
+                 _m(r["params"]), _m(r["active_params"]), _ms(r.get("latency_ms")),
+                 f"{r['seconds'] or 0:.1f}", _hp(r)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     worse = [r["method"] for r in results["rows"] if r["vs_linear"] == "worse"]
     if any(r["method"] == "linear" and r["status"] == "ok" for r in results["rows"]):
@@ -183,6 +194,10 @@ def _m(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.2f}"
 
 
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g}"
+
+
 def chart(results: dict[str, Any], path: Path) -> None:
     """Merge and MoE rows sorted by normalized score with their 95 % intervals, as bars
     from the ``base`` level (0); ``base`` and ``individual`` (100) as lines; the y-range
@@ -203,7 +218,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     top = max(100.0, max(hi, default=100.0))
     pad = 0.05 * (top - bottom)
     bottom, top = bottom - pad, top + pad
-    colors = {"merge": "tab:blue", "moe": "tab:orange"}
+    colors = {"merge": "tab:blue", "moe": "tab:orange", "compress": "tab:purple"}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2.5), 4.2))
     for i, r in enumerate(rows):
         ax.bar(i, ys[i], color=colors[r["kind"]], width=0.7)  # from the base level (0)
@@ -228,7 +243,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 def params_chart(results: dict[str, Any], path: Path) -> None:
     """Normalized score (95 % interval) against the parameters one token passes through,
-    for the MoE rows and the merges (which all have the base's size)."""
+    for the MoE rows, the compression rows and the merges (which all have the base's size)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +251,7 @@ def params_chart(results: dict[str, Any], path: Path) -> None:
 
     rows = [r for r in results["rows"] if r["status"] == "ok" and r["kind"] != "reference"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for kind, color in (("merge", "tab:blue"), ("moe", "tab:orange")):
+    for kind, color in (("merge", "tab:blue"), ("moe", "tab:orange"), ("compress", "tab:purple")):
         sel = [r for r in rows if r["kind"] == kind]
         if not sel:
             continue
@@ -245,7 +260,7 @@ def params_chart(results: dict[str, Any], path: Path) -> None:
         err = [[y[i] - 100 * r["normalized_ci"][0] for i, r in enumerate(sel)],
                [100 * r["normalized_ci"][1] - y[i] for i, r in enumerate(sel)]]  # fmt: skip
         ax.errorbar(x, y, yerr=err, fmt="o", color=color, capsize=3, label=kind)
-        if kind == "moe":
+        if kind in ("moe", "compress"):
             for xi, yi, r in zip(x, y, sel):
                 ax.annotate(r["method"].removeprefix("moe_"), (xi, yi), xytext=(4, 2),
                             textcoords="offset points", fontsize=7)  # fmt: skip
@@ -290,8 +305,9 @@ def print_table(results: dict[str, Any], console: Any, *, out: Path | None = Non
         col("vs lin", lambda r: r["vs_linear"] or "", 3),
         col("ppl", lambda r: _ppl(r["avg"]), 4),
         *(col(ab[t], lambda r, t=t: _ppl(r["per_task"][t]), 5 + i) for i, t in enumerate(tasks)),
-        col("s", lambda r: f"{r['seconds'] or 0:.0f}", 5 + len(tasks)),
-        Column("hyperparameters", [_hp(r) for r in rows], "left", 6 + len(tasks)),
+        col("ms", lambda r: _ms(r.get("latency_ms")), 5 + len(tasks)),
+        col("s", lambda r: f"{r['seconds'] or 0:.0f}", 6 + len(tasks)),
+        Column("hyperparameters", [_hp(r) for r in rows], "left", 7 + len(tasks)),
     ]  # fmt: skip
     kept, dropped = fit(cols, console.width)
     shown = {c.header for c in kept}

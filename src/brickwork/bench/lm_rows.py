@@ -74,11 +74,39 @@ def new_row(method: str, kind: str, **kw: Any) -> dict[str, Any]:
         "method": method, "kind": kind, "status": "ok", "reason": None, "per_task": {},
         "loss_per_task": {}, "avg": None, "avg_ci": None, "normalized": None,
         "normalized_ci": None, "normalized_per_task": {}, "vs_linear": None, "params": None,
-        "active_params": None, "seconds": None, "train_seconds": None, "hyperparameters": {},
-        "validation": None, "recipe": None, "statistics": None,
+        "active_params": None, "latency_ms": None, "seconds": None, "train_seconds": None,
+        "hyperparameters": {}, "validation": None, "recipe": None, "statistics": None,
     }  # fmt: skip
     row.update(kw)
     return row
+
+
+#: The latency batch: the first ``LATENCY_BATCH`` validation sequences of the first domain;
+#: ``LATENCY_REPEATS`` timed forwards after one warm-up, the fastest kept.
+LATENCY_BATCH, LATENCY_REPEATS = 8, 5
+
+
+def latency_batch(ev: Evaluator) -> torch.Tensor:
+    """The fixed latency input: ``(LATENCY_BATCH, seq_len)`` validation token ids."""
+    first = next(iter(ev.splits["val"].values()))
+    return first[:LATENCY_BATCH]
+
+
+@torch.no_grad()
+def latency_ms(
+    model: torch.nn.Module, batch: torch.Tensor, repeats: int = LATENCY_REPEATS
+) -> float:
+    """Milliseconds per sequence of one forward pass of ``model`` on ``batch`` (the fastest of
+    ``repeats`` after a warm-up, on the current torch threads). The fastest, not the mean:
+    other processes on the machine only ever add time."""
+    model.eval()
+    model(input_ids=batch)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=batch)
+        best = min(best, time.perf_counter() - t0)
+    return round(1000 * best / len(batch), 4)
 
 
 def advance(b: Any) -> None:
@@ -373,7 +401,7 @@ def moe_rows(
         work = Path(tmp)
         (work / "models").mkdir()
         for name, key in [("base", models.base_key), *models.keys.items()]:
-            (work / "models" / name).symlink_to(models.dir(key))
+            (work / "models" / name).symlink_to(models.dir(key).resolve())  # cache may be relative
         prompts, examples = router_texts(models)
         write_examples(examples, work / "recipes" / "router_text")
         for router in routers:
