@@ -314,7 +314,9 @@ def run_search(
         return _search(cfg, out, base_dir, resume=resume, ray_address=ray_address,
                        workers=workers, progress=progress, test=test, on_record=on_record)  # fmt: skip
     except BaseException:
-        if created and not (out / LOG).is_file():  # nothing was scored: leave nothing behind
+        log = out / LOG
+        scored = log.is_file() and log.stat().st_size > 0
+        if created and not scored:  # nothing was scored: leave nothing behind
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
