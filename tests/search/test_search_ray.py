@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +101,9 @@ def test_search_scores_every_candidate_and_best_yml_rebuilds_the_best(models, re
     assert score == reference.best["score"]  # the same model, bit for bit
     first = json.loads((out / "search.jsonl").read_text().splitlines()[0])
     assert first["merge_s"] >= 0 and first["eval_s"] >= 0 and first["wall_s"] >= first["eval_s"]
+    assert first["worker_peak_rss_mb"] > 50  # a Python process with torch imported
+    report = json.loads((out / "report.json").read_text())
+    assert report["per_candidate"]["worker_peak_rss_mb"] >= first["worker_peak_rss_mb"]
 
 
 def test_resume_after_a_stop_reaches_the_same_result(models, reference, cluster):
@@ -110,6 +114,16 @@ def test_resume_after_a_stop_reaches_the_same_result(models, reference, cluster)
     assert points(out) == points(models / "ref")
     assert res.best["i"] == reference.best["i"]
     assert (out / "best.yml").read_text() == (models / "ref" / "best.yml").read_text()
+
+
+def test_merging_on_disk_scores_the_same_candidates_as_in_memory(models, reference, cluster):
+    out = models / "disk"
+    res = run_search(config(models, merge_in="disk"), out, max_evals=8, progress=False)
+    assert res.report["merge_in"] == "disk" and reference.report["merge_in"] == "memory"
+    ref = {i: (x, s) for i, x, s in points(models / "ref")}
+    for i, x, s in points(out):
+        assert x == ref[i][0] and s == pytest.approx(ref[i][1], abs=1e-6)
+    assert not list(Path(tempfile.gettempdir()).glob("brickwork-search-*/merged"))
 
 
 def test_resume_after_kill_9(models, reference, cluster):

@@ -29,7 +29,9 @@ def bench(
         None,
         "--methods",
         help="Comma-separated merge methods, MoE rows (moe_task, moe_train, moefy_top4of8, "
-        "moefy_top2of8) and alignment rows (align+linear, align+ties, align_act+linear, "
+        "moefy_top2of8), compression rows (lora_r8, lora_r32, lora_r128, magnitude_50, "
+        "wanda_50, wanda_2of4, sparsegpt_50, sparsegpt_2of4, svd_llm_20, svd_llm_40) and "
+        "alignment rows (align+linear, align+ties, align_act+linear, "
         "ot_fusion, ot_fusion_act, zipit); default: all but the alignment rows "
         "(digits-scratch: linear and the alignment rows).",
     ),

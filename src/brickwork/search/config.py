@@ -162,6 +162,12 @@ class SearchConfig(_Strict):
     max_evals: Annotated[int, Field(gt=0)] = 100
     ray: RaySpec = RaySpec()
     seed: int = 0  # the merge seed (DARE's random drops), fixed for every candidate
+    #: where candidates are merged: ``memory`` (the models in Ray's object store, each
+    #: candidate merged in memory), ``disk`` (each worker merges from the checkpoints into
+    #: a temporary directory, reads the result and deletes it: one merged copy per worker,
+    #: the sources never held), ``auto``: memory when the models plus one merged copy per
+    #: worker take at most half the memory available, disk otherwise.
+    merge_in: Literal["auto", "memory", "disk"] = "auto"
 
 
 #: mergekit-evolve's top-level keys besides genome/tasks, passed to lm-eval.

@@ -3,7 +3,10 @@
 Flow: the genome's models are read once and put in Ray's object store (as numpy arrays,
 which workers map without copying); ``workers`` actors each build their evaluator once
 and then merge candidates **in memory** (no checkpoint per candidate, the same plan and
-executor as ``brickwork merge``) and score them on validation data. A worker that dies is
+executor as ``brickwork merge``) and score them on validation data. Models too large for
+that (``merge_in: auto`` decides, or ``disk``) are not read by the driver: each worker
+merges its candidate from the checkpoints into a temporary directory with ``brickwork
+merge``'s code, reads it back and removes it. A worker that dies is
 restarted by Ray and its candidate retried (``ray.max_retries``); a candidate that still
 fails is logged as failed and told to the optimiser as the worst score.
 
@@ -157,6 +160,55 @@ def _read_models(paths: list[str]) -> tuple[dict[str, dict[str, Any]], int, list
     return out, layers, present
 
 
+def _layout(path: str) -> tuple[int, list[int]]:
+    """The layer count and the layer indices of one checkpoint, without reading tensors."""
+    from ..arch.names import layer_name, num_layers
+    from ..checkpoint.reader import open_checkpoint
+
+    ck = open_checkpoint(path)
+    present = sorted({ln.index for n in ck.names if (ln := layer_name(n)) is not None})
+    return num_layers(ck.names, ck.config), present
+
+
+def _checkpoint_bytes(path: str) -> int:
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.iterdir() if f.suffix in
+                                     (".safetensors", ".bin", ".pt", ".pth")]  # fmt: skip
+    return sum(f.stat().st_size for f in files)
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _merge_mode(cfg: SearchConfig, paths: list[str], workers: int) -> str:
+    """``memory`` or ``disk`` (see ``SearchConfig.merge_in``)."""
+    if cfg.merge_in != "auto":
+        return cfg.merge_in
+    sizes = [_checkpoint_bytes(p) for p in paths]
+    return "memory" if sum(sizes) + workers * max(sizes) <= 0.5 * _available_bytes() else "disk"
+
+
+def _merge_on_disk(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``recipe`` from the checkpoints on disk into a temporary directory (the same
+    code as ``brickwork merge``) and read the result back; the directory is removed."""
+    import tempfile
+
+    from ..checkpoint.reader import open_checkpoint
+    from ..merge.api import merge
+
+    with tempfile.TemporaryDirectory(prefix="brickwork-search-") as tmp:
+        d = merge(recipe, Path(tmp) / "merged", progress=False)
+        ck = open_checkpoint(d)
+        return {n: ck.get(n) for n in ck.names}
+
+
 def _tensors(arrays: Mapping[str, Any]) -> dict[str, Any]:
     import warnings
 
@@ -183,7 +235,7 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
-        self.ckpts: dict[str, Any] | None = None
+        self.ckpts: dict[str, Any] | None = None  # {} when merging on disk
         self.evaluator: Any = None
 
     def setup(self, models: list[Any], evaluator: Any) -> BaseException | None:
@@ -199,8 +251,9 @@ class _Worker:
             evaluator.setup()
         except BaseException as e:
             return e
-        arrays = ray.get(models[0])  # the object store's copy, shared by every worker
-        self.ckpts = {p: StateDictCheckpoint(_tensors(a), label=p) for p, a in arrays.items()}
+        mode, arrays = ray.get(models[0])  # the object store's copy, shared by every worker
+        self.ckpts = {} if mode == "disk" else {
+            p: StateDictCheckpoint(_tensors(a), label=p) for p, a in arrays.items()}  # fmt: skip
         self.evaluator = evaluator
         return None
 
@@ -213,12 +266,19 @@ class _Worker:
         if err is not None:
             raise err
         t0 = time.perf_counter()
-        state = merge_recipe_in_memory(recipe, self.ckpts)
+        if self.ckpts:
+            state = merge_recipe_in_memory(recipe, self.ckpts)
+        else:  # merge_in: disk
+            state = _merge_on_disk(recipe)
         t1 = time.perf_counter()
         score = self.evaluator.score(state)
         t2 = time.perf_counter()
+        import resource
+
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         return {"i": i, "score": float(score), "merge_s": round(t1 - t0, 4),
-                "eval_s": round(t2 - t1, 4), "pid": os.getpid()}  # fmt: skip
+                "eval_s": round(t2 - t1, 4), "pid": os.getpid(),
+                "worker_peak_rss_mb": round(peak_mb, 1)}  # fmt: skip
 
 
 def _start_ray(
@@ -341,7 +401,11 @@ def _search(cfg: SearchConfig, out: Path, base_dir: Path | None, *, resume: bool
 
     g = cfg.genome
     paths = list(dict.fromkeys([*([g.base_model] if g.base_model else []), *g.models]))
-    arrays, n_layers, present = _read_models(paths)
+    mode = _merge_mode(cfg, paths, workers or cfg.ray.workers or (os.cpu_count() or 1))
+    if mode == "memory":
+        arrays, n_layers, present = _read_models(paths)
+    else:  # each worker merges from the checkpoints: nothing read here
+        arrays, (n_layers, present) = None, _layout(paths[0])
     genome = Genome(g, n_layers, present)
     opt = make_optimizer(cfg.optimizer, genome.dims, genome.x0())
     reference = g.base_model or g.models[0]
@@ -359,7 +423,7 @@ def _search(cfg: SearchConfig, out: Path, base_dir: Path | None, *, resume: bool
             ray.shutdown()
     wall = time.perf_counter() - t_start
     return _finish(cfg, genome, arrays, evaluator, records, out, wall=wall, workers=n_workers,
-                   test=test)  # fmt: skip
+                   test=test, mode=mode)  # fmt: skip
 
 
 def _loop(ray: Any, cfg: SearchConfig, genome: Genome, opt: Any, arrays: Any, evaluator: Any,
@@ -368,7 +432,7 @@ def _loop(ray: Any, cfg: SearchConfig, genome: Genome, opt: Any, arrays: Any, ev
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
     log = (out / LOG).open("a")
-    models_ref = ray.put(arrays)
+    models_ref = ray.put(("disk", None) if arrays is None else ("memory", arrays))
     retries = cfg.ray.max_retries
     actor_cls = ray.remote(max_restarts=retries, max_task_retries=retries)(_Worker)
     opts: dict[str, Any] = {"num_cpus": 1}
@@ -484,7 +548,7 @@ class _Bar:
 
 def _finish(cfg: SearchConfig, genome: Genome, arrays: Any, evaluator: Any,
             records: list[dict[str, Any]], out: Path, *, wall: float, workers: int,
-            test: bool) -> SearchResult:  # fmt: skip
+            test: bool, mode: str) -> SearchResult:  # fmt: skip
     ok = [r for r in records if r.get("score") is not None]
     if not ok:
         raise BrickworkError(f"{out}: no candidate was scored (see {out / LOG})")
@@ -500,8 +564,11 @@ def _finish(cfg: SearchConfig, genome: Genome, arrays: Any, evaluator: Any,
         from ..checkpoint.reader import StateDictCheckpoint
         from ..merge.api import merge_recipe_in_memory
 
-        ckpts = {p: StateDictCheckpoint(_tensors(a), label=p) for p, a in arrays.items()}
-        state = merge_recipe_in_memory(best["recipe"], ckpts)
+        if arrays is None:
+            state = _merge_on_disk(best["recipe"])
+        else:
+            ckpts = {p: StateDictCheckpoint(_tensors(a), label=p) for p, a in arrays.items()}
+            state = merge_recipe_in_memory(best["recipe"], ckpts)
         evaluator.setup()
         test_res = evaluator.test(state)
     run = [r for r in records if "merge_s" in r]
@@ -512,12 +579,15 @@ def _finish(cfg: SearchConfig, genome: Genome, arrays: Any, evaluator: Any,
     }
     if per["wall_s"] is not None:
         per["ray_s"] = round(per["wall_s"] - per["merge_s"] - per["eval_s"], 4)
+    rss = [r["worker_peak_rss_mb"] for r in run if "worker_peak_rss_mb" in r]
+    per["worker_peak_rss_mb"] = max(rss) if rss else None  # the largest of any worker
     report = {
         "best": {"candidate": best["i"], "validation": best["score"], "recipe": "best.yml"},
         "test": None if test_res is None else {k: v for k, v in test_res.items() if k != "correct"},
         "evaluations": len(records),
         "failed": len(records) - len(ok),
         "workers": workers,
+        "merge_in": mode,
         "wall_seconds_this_run": round(wall, 2),
         "evaluations_per_minute_this_run": round(len(run) / wall * 60, 2) if wall > 0 and run else None,
         "per_candidate": per,
