@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 PARAMS = {"ties": ["weight", "density"], "task_arithmetic": ["weight"],
-          "dare_ties": ["weight", "density"]}  # fmt: skip
+          "dare_ties": ["weight", "density"], "tsv_m": ["alpha"]}  # fmt: skip
 
 
 def _correct(row: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -141,13 +142,17 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
     t0 = time.perf_counter()
     res = run_search(cfg, out, resume=(out / "search.jsonl").is_file(), progress=True)
     wall = time.perf_counter() - t0
+    same = next((r for r in results["rows"] if r["kind"] == "merge" and r["status"] == "ok"
+                 and r["method"] == args.method), None)  # fmt: skip
     if suite == "lm":
         cmp = compare_lm(res.test, grid, Path(args.bench).parent, results["quick"])
+        cmp_same = same and compare_lm(res.test, same, Path(args.bench).parent, results["quick"])
     else:  # the search's test score must be on the bench's own fine-tunes and test examples
         ft = _correct(individual)
         for t, v in res.test["correct"].items():
             assert len(v) == len(ft[t]), f"task {t}: test sizes differ from the bench run"
         cmp = compare(res.test, grid, individual)
+        cmp_same = same and compare(res.test, same, individual)
     curve, best = [], float("-inf")
     for r in res.records:
         if r.get("score") is not None:
@@ -155,8 +160,10 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         curve.append(round(best, 6))
     out_json = {
         "command": f"benchmarks/search_bench.py --bench {suite}/results.json --method "
-        f"{args.method} --evals {args.evals}",
+        f"{args.method} --evals {args.evals} --granularity {args.granularity}",
         "suite": suite,
+        "granularity": args.granularity,
+        "load_1min_at_end": round(os.getloadavg()[0], 2),
         "method": args.method,
         "genes": res.report["genes"],
         "evaluations": res.evaluations,
@@ -174,11 +181,20 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
             "hyperparameters": grid["hyperparameters"],
         },  # fmt: skip
         "vs_grid": cmp,
+        "same_method_grid_row": same
+        and {
+            "normalized": same["normalized"],
+            "normalized_ci": same["normalized_ci"],
+            "hyperparameters": same["hyperparameters"],
+        },
+        "vs_same_method_grid": cmp_same,
         "best_so_far": curve,
         "search_out": str(out),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"search_{suite}_{args.method}"
+    stem = f"search_{suite}_{args.method}" + (
+        "" if args.granularity == 1 else f"_g{args.granularity}"
+    )
     (RESULTS / f"{stem}.json").write_text(json.dumps(out_json, indent=1) + "\n")
     if (out / "scores.png").is_file():
         shutil.copy(out / "scores.png", RESULTS / f"{stem}.png")
@@ -195,6 +211,11 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         f"search - grid: {cmp['difference']:+.4f} {cmp['interval']} ({cmp['verdict']}); "
         f"goal >= +2 points under the paired bootstrap: {cmp['goal_2_points']}"
     )
+    if cmp_same:
+        print(
+            f"search - grid row of {args.method} ({same['normalized']:.4f}): "
+            f"{cmp_same['difference']:+.4f} {cmp_same['interval']} ({cmp_same['verdict']})"
+        )
     return out_json
 
 
