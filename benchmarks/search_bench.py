@@ -231,17 +231,24 @@ def scaling(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         res = run_search(cfg, out, progress=False, test=False)
         r = res.report
         rows[workers] = {"evaluations_per_minute": r["evaluations_per_minute_this_run"],
+                         "evaluations_per_minute_after_setup":
+                             r["evaluations_per_minute_after_setup"],
                          "wall_seconds": r["wall_seconds_this_run"],
+                         "worker_setup_seconds": r["worker_setup_seconds_this_run"],
                          "per_candidate": r["per_candidate"]}  # fmt: skip
         print(
-            f"{workers} worker(s): {r['evaluations_per_minute_this_run']} evaluations/min, "
-            f"per candidate {r['per_candidate']}"
+            f"{workers} worker(s): {r['evaluations_per_minute_this_run']} evaluations/min "
+            f"({r['evaluations_per_minute_after_setup']} after the workers' "
+            f"{r['worker_setup_seconds_this_run']} s set-up), per candidate {r['per_candidate']}"
         )
     ratio = rows[2]["evaluations_per_minute"] / rows[1]["evaluations_per_minute"]
-    print(f"2 vs 1 workers: x{ratio:.2f} (goal >= 1.7)")
+    steady = (rows[2]["evaluations_per_minute_after_setup"]
+              / rows[1]["evaluations_per_minute_after_setup"])  # fmt: skip
+    print(f"2 vs 1 workers: x{ratio:.2f} (goal >= 1.7); after set-up x{steady:.2f}")
     out_json = {"command": f"benchmarks/search_bench.py --scaling {args.scaling}",
                 "method": args.method, "evaluations": args.scaling, "rows": rows,
-                "ratio_2_vs_1": round(ratio, 3)}  # fmt: skip
+                "ratio_2_vs_1": round(ratio, 3), "ratio_after_setup": round(steady, 3),
+                "load_1min_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "search_scaling.json").write_text(json.dumps(out_json, indent=1) + "\n")
     return out_json

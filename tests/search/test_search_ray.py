@@ -112,6 +112,8 @@ def test_resume_after_a_stop_reaches_the_same_result(models, reference, cluster)
     assert len(points(out)) == 6
     res = run_search(config(models), out, resume=True, progress=False)
     assert points(out) == points(models / "ref")
+    assert res.report["evaluations_this_run"] == 6  # the replayed six are not counted again
+    assert res.report["evaluations"] == 12
     assert res.best["i"] == reference.best["i"]
     assert (out / "best.yml").read_text() == (models / "ref" / "best.yml").read_text()
 

@@ -414,20 +414,22 @@ def _search(cfg: SearchConfig, out: Path, base_dir: Path | None, *, resume: bool
     done = {r["i"]: r for r in _read_log(log_path) if "i" in r}
 
     ray, n_workers, started = _start_ray(cfg, ray_address, workers)
-    t_start = time.perf_counter()
+    t_start, timing = time.perf_counter(), {"setup_s": 0.0, "scored": 0}
     try:
-        records = _loop(ray, cfg, genome, opt, arrays, evaluator, n_workers, done, out,
+        records = _loop(ray, cfg, genome, opt, arrays, evaluator, n_workers, done, out, timing,
                         progress=progress, on_record=on_record)  # fmt: skip
     finally:
         if started:
             ray.shutdown()
     wall = time.perf_counter() - t_start
-    return _finish(cfg, genome, arrays, evaluator, records, out, wall=wall, workers=n_workers,
+    return _finish(cfg, genome, arrays, evaluator, records, out, wall=wall,
+                   setup=timing["setup_s"], scored=timing["scored"], workers=n_workers,
                    test=test, mode=mode)  # fmt: skip
 
 
 def _loop(ray: Any, cfg: SearchConfig, genome: Genome, opt: Any, arrays: Any, evaluator: Any,
-          n_workers: int, done: dict[int, dict[str, Any]], out: Path, *, progress: bool,
+          n_workers: int, done: dict[int, dict[str, Any]], out: Path, timing: dict[str, float],
+          *, progress: bool,
           on_record: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:  # fmt: skip
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
@@ -441,14 +443,16 @@ def _loop(ray: Any, cfg: SearchConfig, genome: Genome, opt: Any, arrays: Any, ev
 
         opts["memory"] = parse_size(cfg.ray.memory_per_worker)
 
-    def new_actor() -> Any:
-        a = actor_cls.options(**opts).remote(1)
-        err = ray.get(a.setup.remote([models_ref], evaluator))
-        if err is not None:
-            raise err
-        return a
+    def new_actors(n: int) -> list[Any]:  # set up side by side, not one after another
+        acts = [actor_cls.options(**opts).remote(1) for _ in range(n)]
+        for err in ray.get([a.setup.remote([models_ref], evaluator) for a in acts]):
+            if err is not None:
+                raise err
+        return acts
 
-    actors = [new_actor() for _ in range(n_workers)]
+    t0 = time.perf_counter()
+    actors = new_actors(n_workers)
+    timing["setup_s"] = time.perf_counter() - t0
     records = [done[i] for i in sorted(done)]
     best = max((r["score"] for r in records if r.get("score") is not None), default=None)
     bar = _Bar(progress, cfg.max_evals, len(done), best)
@@ -493,12 +497,13 @@ def _loop(ray: Any, cfg: SearchConfig, genome: Genome, opt: Any, arrays: Any, ev
                 except (RayActorError, WorkerCrashedError) as e:
                     rec |= {"status": "failed", "score": None,
                             "error": str(e).splitlines()[0][:300]}  # fmt: skip
-                    actors[k] = new_actor()  # the worker is gone for good: a fresh one
+                    actors[k] = new_actors(1)[0]  # the worker is gone for good: a fresh one
                 rec["wall_s"] = round(time.perf_counter() - t0, 4)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 done[i] = rec
                 records.append(rec)
+                timing["scored"] += 1
                 if rec.get("score") is not None and (best is None or rec["score"] > best):
                     best = rec["score"]
                 bar.advance(best)
@@ -547,7 +552,8 @@ class _Bar:
 
 
 def _finish(cfg: SearchConfig, genome: Genome, arrays: Any, evaluator: Any,
-            records: list[dict[str, Any]], out: Path, *, wall: float, workers: int,
+            records: list[dict[str, Any]], out: Path, *, wall: float, setup: float, scored: int,
+            workers: int,
             test: bool, mode: str) -> SearchResult:  # fmt: skip
     ok = [r for r in records if r.get("score") is not None]
     if not ok:
@@ -589,7 +595,11 @@ def _finish(cfg: SearchConfig, genome: Genome, arrays: Any, evaluator: Any,
         "workers": workers,
         "merge_in": mode,
         "wall_seconds_this_run": round(wall, 2),
-        "evaluations_per_minute_this_run": round(len(run) / wall * 60, 2) if wall > 0 and run else None,
+        "evaluations_this_run": scored,
+        "evaluations_per_minute_this_run": round(scored / wall * 60, 2) if wall > 0 and scored else None,
+        "worker_setup_seconds_this_run": round(setup, 2),
+        "evaluations_per_minute_after_setup": round(scored / (wall - setup) * 60, 2)
+        if wall > setup and scored else None,
         "per_candidate": per,
         "optimizer": cfg.optimizer.model_dump(),
         "genes": genome.dims,
