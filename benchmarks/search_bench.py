@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 PARAMS = {"ties": ["weight", "density"], "task_arithmetic": ["weight"],
-          "dare_ties": ["weight", "density"], "tsv_m": ["alpha"]}  # fmt: skip
+          "dare_ties": ["weight", "density"], "tsv_m": ["alpha"], "iso_c": ["alpha"]}  # fmt: skip
 
 
 def _correct(row: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -65,15 +65,16 @@ def best_grid_row(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def search_config(tasks: list[str], method: str, evals: int, workers: int, *,
-                  granularity: int, seed: int, quick: bool, suite: str = "text") -> dict[str, Any]:  # fmt: skip
+                  granularity: int, seed: int, quick: bool, suite: str = "text",
+                  params: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     genome: dict[str, Any] = {
         "merge_method": method,
         "base_model": f"bench:{suite}/base",
         "models": [f"bench:{suite}/{t}" for t in tasks],
         "layer_granularity": granularity,
-        "parameters": PARAMS[method],
+        "parameters": params or PARAMS[method],
     }
-    if method == "task_arithmetic":
+    if method == "task_arithmetic" and "lambda" not in genome["parameters"]:
         genome["fixed"] = {"lambda": 1.0}
     return {
         "genome": genome,
@@ -137,7 +138,7 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
     individual = next(r for r in results["rows"] if r["method"] == "individual")
     suite = results["suite"]
     out = Path(args.out or tempfile.mkdtemp(prefix=f"search-{suite}-"))
-    cfg = search_config(tasks, args.method, args.evals, args.workers, suite=suite,
+    cfg = search_config(tasks, args.method, args.evals, args.workers, suite=suite, params=args.params,
                         granularity=args.granularity, seed=args.seed, quick=results["quick"])  # fmt: skip
     t0 = time.perf_counter()
     res = run_search(cfg, out, resume=(out / "search.jsonl").is_file(), progress=True)
@@ -160,7 +161,9 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         curve.append(round(best, 6))
     out_json = {
         "command": f"benchmarks/search_bench.py --bench {suite}/results.json --method "
-        f"{args.method} --evals {args.evals} --granularity {args.granularity}",
+        f"{args.method} --evals {args.evals} --granularity {args.granularity}"
+        + (f" --params {','.join(args.params)}" if args.params else ""),
+        "parameters": args.params or PARAMS[args.method],
         "suite": suite,
         "granularity": args.granularity,
         "load_1min_at_end": round(os.getloadavg()[0], 2),
@@ -192,8 +195,10 @@ def run_one(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]
         "search_out": str(out),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"search_{suite}_{args.method}" + (
-        "" if args.granularity == 1 else f"_g{args.granularity}"
+    stem = (
+        f"search_{suite}_{args.method}"
+        + ("" if args.granularity == 1 else f"_g{args.granularity}")
+        + ("" if not args.params else "_" + "_".join(args.params))
     )
     (RESULTS / f"{stem}.json").write_text(json.dumps(out_json, indent=1) + "\n")
     if (out / "scores.png").is_file():
@@ -261,6 +266,8 @@ def main() -> None:
     ap.add_argument("--evals", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--granularity", type=int, default=1)
+    ap.add_argument("--params", type=lambda v: v.split(","), default=None,
+                    help="searched parameters, comma-separated (default: see PARAMS)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="search output folder (resumed if it has a log)")
     ap.add_argument("--scaling", type=int, default=0, help="measure 1 vs 2 workers on N evals")
