@@ -232,3 +232,30 @@ def test_tied_head_without_its_lora_reproduces_once_merged(gpt2_pair, tmp_path):
         want = GPT2LMHeadModel.from_pretrained(ft).eval()(input_ids=X)[0]
         merged = _peft(GPT2LMHeadModel, base, out).merge_and_unload()(input_ids=X)[0]
     torch.testing.assert_close(merged, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_lora_factors_are_the_best_rank_r_approximation(kind):
+    from brickwork.compress import lora_factors
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 20, generator=g)
+    ft = base + torch.randn(12, 20, generator=g) * 0.1
+    b, a = lora_factors(ft, base, 4, kind=kind)
+    m = (ft - base) if kind == "linear" else (ft - base).T  # PEFT's update matrix
+    assert b.shape == (m.shape[0], 4) and a.shape == (4, m.shape[1])
+    u, s, vh = torch.linalg.svd(m.double())
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    assert torch.allclose((b @ a).double(), best, atol=1e-5)
+    assert torch.allclose(b.double().norm(dim=0), s[:4].sqrt(), atol=1e-5)  # B = U S^1/2
+
+
+def test_lora_factors_reject_a_rank_too_large_and_mismatched_shapes():
+    from brickwork.compress import lora_factors
+    from brickwork.errors import RecipeError
+
+    w = torch.zeros(3, 5)
+    with pytest.raises(RecipeError, match=r"rank 4 is outside 1\.\.3 for a 3x5 weight"):
+        lora_factors(w, w, 4)
+    with pytest.raises(RecipeError, match="same 2-D shape"):
+        lora_factors(w, torch.zeros(5, 3), 2)

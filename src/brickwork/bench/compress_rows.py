@@ -8,7 +8,7 @@ options are fixed by the row); the test split is read once per row, at the end.
 
 ``lora_r8`` / ``lora_r32`` / ``lora_r128``
     The rank-r LoRA of each fine-tune against the base, as ``brickwork compress lora``
-    extracts it (the same factors, :func:`brickwork.compress.lora` ``_factors``: the best
+    extracts it (the same factors, :func:`brickwork.compress.lora_factors`: the best
     rank-r approximation ``B A`` of every linear weight's delta), applied in memory: each
     2-D weight is ``W_base + B A``; every other changed tensor (biases, LayerNorms) keeps its
     fine-tuned value, as the adapter stores it (``base_layer.bias`` / ``modules_to_save``).
@@ -134,7 +134,7 @@ def lora_state(
     """``(state, stored)``: ``finetune`` through its rank-``rank`` LoRA against ``base``
     (every changed 2-D ``.weight``: ``base + B A``; every other changed tensor, and the
     rest of its module's tensors, the fine-tune's) and the parameters the adapter stores."""
-    from ..compress.lora import _Delta, _factors
+    from ..compress.lora import lora_factors
 
     state = {k: v.clone() for k, v in base.items()}
     lora: set[str] = set()
@@ -147,7 +147,7 @@ def lora_state(
                 f"LoRA rank {rank} is larger than tensor '{k}' allows: it is "
                 f"{ft.shape[0]}x{ft.shape[1]} (rank at most {min(ft.shape)})."
             )
-        b, a = _factors(_Delta(ft, base[k], "linear"), rank)  # (out, r), (r, in)
+        b, a = lora_factors(ft, base[k], rank)  # (out, r), (r, in)
         state[k] = (base[k].float() + b @ a).to(base[k].dtype)
         stored += b.numel() + a.numel()
         lora.add(k[: -len(".weight")])

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "compress_lowrank": "brickwork.compress.lowrank_format",
     "factorize_conv": "brickwork.compress.conv",
     "extract_lora": "brickwork.compress.lora",
+    "lora_factors": "brickwork.compress.lora",
     "Masks": "brickwork.compress.lottery",
     "MaskHandle": "brickwork.compress.lottery",
     "Ticket": "brickwork.compress.lottery",

@@ -278,6 +278,28 @@ def _factors(d: _Delta, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return far.T, near.T  # M = tᵀ: B = V_r S_r^½ (out, r), A = S_r^½ U_rᵀ (r, in)
 
 
+def lora_factors(
+    finetune: torch.Tensor, base: torch.Tensor, rank: int, *, kind: str = "linear"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)``, float32, of the rank-``rank`` LoRA that ``brickwork compress lora`` writes
+    for one weight: ``B A`` is the best rank-``rank`` approximation (Eckart–Young) of PEFT's
+    update matrix of ``finetune − base``, split as ``B = U S^½`` (out, r), ``A = S^½ Vᵀ``
+    (r, in), mergekit-extract-lora's split. ``kind``: ``linear`` (an ``nn.Linear`` weight,
+    (out, in)), ``conv1d`` (GPT-2's ``Conv1D``, stored (in, out)) or ``embedding`` (stored
+    (vocab, dim); PEFT's matrix is its transpose)."""
+    if finetune.shape != base.shape or finetune.dim() != 2:
+        raise RecipeError(
+            f"lora_factors: the fine-tune's and the base's weights must be the same 2-D shape; "
+            f"got {tuple(finetune.shape)} and {tuple(base.shape)}"
+        )
+    if not 0 < rank <= min(finetune.shape):
+        raise RecipeError(
+            f"lora_factors: rank {rank} is outside 1..{min(finetune.shape)} for a "
+            f"{finetune.shape[0]}x{finetune.shape[1]} weight"
+        )
+    return _factors(_Delta(finetune, base, kind), rank)
+
+
 def _tensor_names(m: _Module) -> tuple[str, str]:
     if m.kind == "embedding":
         return f"{_PREFIX}{m.name}.lora_embedding_A", f"{_PREFIX}{m.name}.lora_embedding_B"
