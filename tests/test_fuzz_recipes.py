@@ -370,6 +370,24 @@ def test_missing_tensors_of_another_architecture_are_one_line(zoo, tmp_path):
     _check_nothing_written(out)
 
 
+def test_slices_whose_base_lacks_the_first_source_tensors_are_a_clear_error(zoo, tmp_path):
+    # found by test_fuzz_python_api: the non-layer tensors come from the first source (an
+    # MLP) and the reference, the base, lacks them: was a KeyError from the reader
+    out = tmp_path / "out"
+    recipe = {
+        "method": "breadcrumbs",
+        "slices": [{"sources": [{"model": str(zoo["mlp"]), "layer_range": [0, 1]},
+                                {"model": str(zoo["ft1"]), "layer_range": [0, 1]}]}],
+        "base": str(zoo["base"]),
+    }  # fmt: skip
+    with pytest.raises(BrickworkError) as e:
+        merge(recipe, out, progress=False)
+    msg = str(e.value)
+    _check_message(msg)
+    assert f"{zoo['base']} lacks" in msg and f"that {zoo['mlp']} has" in msg, msg
+    _check_nothing_written(out)
+
+
 def test_recipe_errors_name_the_field():
     """The recipe checks no other test reaches, each naming its field."""
     m = [{"model": "a"}]

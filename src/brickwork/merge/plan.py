@@ -106,6 +106,12 @@ class _Planner:
         global_levels: list[Params],
         t: float,
     ) -> None:
+        if ref.name not in self.ckpts[ref.model]:  # the reference (often the base) lacks it
+            if self.recipe.on_missing == "error":
+                has = next((src.model for src, _ in sources if src.name in self.ckpts[src.model]),
+                           "another model")  # fmt: skip
+                self.problems.add_missing(ref.name, has, ref.model)
+            return
         rinfo = self.ckpts[ref.model].info(ref.name)
         dtype = rinfo.dtype
         if not dtype.is_floating_point:  # integer buffers, masks: copied, never averaged
