@@ -11,6 +11,14 @@ def score(model):
     return -sum((float(v.float().mean()) - 0.05) ** 2 for v in model.values())
 
 
+def slow(model):
+    """:func:`score`, 0.2 s later (a search slow enough to be killed in the middle)."""
+    import time
+
+    time.sleep(0.2)
+    return score(model)
+
+
 def die_once(model):
     """Kills its worker process on the first call after the marker is removed (a crash the
     search must survive), then scores like :func:`score`."""
@@ -30,3 +38,11 @@ def module_kind(model):
     import torch
 
     return float(isinstance(model, torch.nn.Module) and hasattr(model, "config"))
+
+
+def hungry(model):
+    """Asks for 8 GB (more than the test's ray.memory_per_worker), then scores."""
+    import torch
+
+    torch.empty(8 * 2**30, dtype=torch.uint8)
+    return score(model)

@@ -17,7 +17,7 @@ import yaml
 pytest.importorskip("ray")
 pytest.importorskip("cma")
 
-from brickwork.errors import OutputExistsError, RecipeError  # noqa: E402
+from brickwork.errors import BrickworkError, OutputExistsError, RecipeError  # noqa: E402
 from brickwork.search.runner import run_search  # noqa: E402
 
 
@@ -130,9 +130,10 @@ def test_merging_on_disk_scores_the_same_candidates_as_in_memory(models, referen
 
 def test_resume_after_kill_9(models, reference, cluster):
     out = models / "killed"
+    cfg = config(models, callable="_scorer:slow")  # the same scores, 0.2 s each: killable
     env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "brickwork.cli", "search", str(config(models)), str(out), "-q"],
+        [sys.executable, "-m", "brickwork.cli", "search", str(cfg), str(out), "-q"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     log = out / "search.jsonl"
@@ -145,7 +146,7 @@ def test_resume_after_kill_9(models, reference, cluster):
     proc.wait()
     n = len(log.read_text().splitlines())
     assert 3 <= n < 12 or proc.returncode == 0  # killed mid-search (or it had finished)
-    run_search(config(models), out, resume=True, progress=False)
+    run_search(cfg, out, resume=True, progress=False)
     assert points(out) == points(models / "ref")
 
 
@@ -163,6 +164,21 @@ def test_a_dead_worker_is_retried_and_the_search_goes_on(models, reference, clus
     assert marker.read_text() == "died"  # a worker did die
     assert res.report["failed"] == 0
     assert points(out) == points(models / "ref")  # retried: the same scores
+
+
+def test_memory_per_worker_bounds_a_worker_and_fails_only_the_candidate(models, cluster, tmp_path):
+    ray_opts = {"workers": 2, "memory_per_worker": "3GB"}
+    out = tmp_path / "bounded"
+    res = run_search(config(models, max_evals=4, ray=ray_opts), out, progress=False)
+    assert res.report["failed"] == 0  # within the bound: scored as usual
+    assert all(r["worker_vm_data_mb"] < 3 * 1024 for r in res.records)
+    out = tmp_path / "hungry"
+    with pytest.raises(BrickworkError, match="no candidate was scored"):
+        run_search(config(models, max_evals=4, callable="_scorer:hungry", ray=ray_opts), out,
+                   progress=False)  # fmt: skip
+    recs = [json.loads(line) for line in (out / "search.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["status"] == "failed" for r in recs)
+    assert "needs more than ray.memory_per_worker = 3.00 GB" in recs[0]["error"]
 
 
 def test_random_and_tpe_searches_run_and_log(models, cluster, tmp_path):

@@ -146,8 +146,12 @@ class OptimizerSpec(_Strict):
 
 class RaySpec(_Strict):
     """Where candidates run: ``address`` of a running cluster (``ray start --head``) or
-    ``None`` for a local one of ``workers`` processes; ``memory_per_worker`` (bytes, or
-    ``2GB``) is the memory Ray reserves for each worker (a scheduling bound)."""
+    ``None`` for a local one of ``workers`` processes. ``memory_per_worker`` (bytes, or
+    ``2GB``) bounds each worker twice: Ray reserves that much memory per worker (so a node
+    runs no more workers than its memory holds), and the worker's data segment (heap and
+    private memory, ``RLIMIT_DATA``; the shared object store is not counted) is limited to
+    it, so a candidate that needs more fails alone (logged as failed, told to the optimiser
+    as the worst score) instead of the machine running out of memory."""
 
     address: str | None = None
     workers: Annotated[int, Field(gt=0)] | None = None

@@ -209,6 +209,17 @@ def _merge_on_disk(recipe: dict[str, Any]) -> dict[str, Any]:
         return {n: ck.get(n) for n in ck.names}
 
 
+def _vm_data_mb() -> float:
+    """The process's data segment (heap and private mappings: what RLIMIT_DATA bounds), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _tensors(arrays: Mapping[str, Any]) -> dict[str, Any]:
     import warnings
 
@@ -231,12 +242,26 @@ class _Worker:
     Set up lazily from the arguments of its calls, so a restarted actor (a new process)
     sets itself up again on its first candidate."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, memory_limit: int | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.ckpts: dict[str, Any] | None = None  # {} when merging on disk
         self.evaluator: Any = None
+        self.memory_limit = memory_limit
+        if memory_limit is not None:  # ray.memory_per_worker: a hard bound, not only Ray's
+            import resource
+
+            _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+            soft = memory_limit if hard == resource.RLIM_INFINITY else min(memory_limit, hard)
+            resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+    def _too_big(self, e: BaseException) -> bool:
+        """An allocation refused under ``memory_limit`` (numpy: MemoryError; torch: a
+        RuntimeError of its allocator)."""
+        return self.memory_limit is not None and (
+            isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e))
+        )
 
     def setup(self, models: list[Any], evaluator: Any) -> BaseException | None:
         """Read the models (``models[0]``: their object-store reference) and set up the
@@ -250,6 +275,12 @@ class _Worker:
         try:
             evaluator.setup()
         except BaseException as e:
+            if self._too_big(e):
+                return RecipeError(
+                    f"ray.memory_per_worker = {self.memory_limit / 1e9:.2f} GB: a worker cannot "
+                    f"set up its evaluator within it ({str(e).splitlines()[0][:200]}); raise it "
+                    f"(a worker's VmData is now {_vm_data_mb():.0f} MB)"
+                )
             return e
         mode, arrays = ray.get(models[0])  # the object store's copy, shared by every worker
         self.ckpts = {} if mode == "disk" else {
@@ -266,19 +297,30 @@ class _Worker:
         if err is not None:
             raise err
         t0 = time.perf_counter()
-        if self.ckpts:
-            state = merge_recipe_in_memory(recipe, self.ckpts)
-        else:  # merge_in: disk
-            state = _merge_on_disk(recipe)
-        t1 = time.perf_counter()
-        score = self.evaluator.score(state)
-        t2 = time.perf_counter()
+        try:
+            if self.ckpts:
+                state = merge_recipe_in_memory(recipe, self.ckpts)
+            else:  # merge_in: disk
+                state = _merge_on_disk(recipe)
+            t1 = time.perf_counter()
+            score = self.evaluator.score(state)
+            t2 = time.perf_counter()
+        except (MemoryError, RuntimeError) as e:
+            if not self._too_big(e):
+                raise
+            import gc
+
+            gc.collect()
+            return {"i": i, "score": None, "status": "failed", "pid": os.getpid(),
+                    "error": f"the candidate needs more than ray.memory_per_worker = "
+                    f"{self.memory_limit / 1e9:.2f} GB ({str(e).splitlines()[0][:200]})"}  # fmt: skip
         import resource
 
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         return {"i": i, "score": float(score), "merge_s": round(t1 - t0, 4),
                 "eval_s": round(t2 - t1, 4), "pid": os.getpid(),
-                "worker_peak_rss_mb": round(peak_mb, 1)}  # fmt: skip
+                "worker_peak_rss_mb": round(peak_mb, 1),
+                "worker_vm_data_mb": round(_vm_data_mb(), 1)}  # fmt: skip
 
 
 def _start_ray(
@@ -444,7 +486,7 @@ def _loop(ray: Any, cfg: SearchConfig, genome: Genome, opt: Any, arrays: Any, ev
         opts["memory"] = parse_size(cfg.ray.memory_per_worker)
 
     def new_actors(n: int) -> list[Any]:  # set up side by side, not one after another
-        acts = [actor_cls.options(**opts).remote(1) for _ in range(n)]
+        acts = [actor_cls.options(**opts).remote(1, opts.get("memory")) for _ in range(n)]
         for err in ray.get([a.setup.remote([models_ref], evaluator) for a in acts]):
             if err is not None:
                 raise err
