@@ -155,7 +155,8 @@ class PerplexityEvaluator(Evaluator):
 
     def score(self, state: Mapping[str, torch.Tensor]) -> float:
         model = self.model.load(state)
-        assert model is not None  # required=True
+        if model is None:  # setup() required a Hugging Face directory; only a bad call gets here
+            raise DataError(f"evaluator.perplexity: no network for {self.reference} to run")
         total, count = 0.0, 0
         with torch.no_grad():
             for b in self.batches:

@@ -246,7 +246,8 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
-        self.ckpts: dict[str, Any] | None = None  # {} when merging on disk
+        self.ckpts: dict[str, Any] | None = None  # None until set up
+        self.on_disk = False  # merge_in: disk (no models held)
         self.evaluator: Any = None
         self.memory_limit = memory_limit
         if memory_limit is not None:  # ray.memory_per_worker: a hard bound, not only Ray's
@@ -283,7 +284,8 @@ class _Worker:
                 )
             return e
         mode, arrays = ray.get(models[0])  # the object store's copy, shared by every worker
-        self.ckpts = {} if mode == "disk" else {
+        self.on_disk = mode == "disk"
+        self.ckpts = {} if self.on_disk else {
             p: StateDictCheckpoint(_tensors(a), label=p) for p, a in arrays.items()}  # fmt: skip
         self.evaluator = evaluator
         return None
@@ -298,10 +300,10 @@ class _Worker:
             raise err
         t0 = time.perf_counter()
         try:
-            if self.ckpts:
-                state = merge_recipe_in_memory(recipe, self.ckpts)
-            else:  # merge_in: disk
+            if self.on_disk:
                 state = _merge_on_disk(recipe)
+            else:
+                state = merge_recipe_in_memory(recipe, self.ckpts)
             t1 = time.perf_counter()
             score = self.evaluator.score(state)
             t2 = time.perf_counter()
